@@ -1,0 +1,176 @@
+"""Experts f(y | x; η_i): log-densities, regression functions, samplers, closed-form M-steps.
+
+Registered experts (THEORY.md §2):
+
+* ``gaussian`` -- Gaussian linear regression [1]: y | i ~ N(a_iᵀx + b_i, ν_i), **ν_i a variance**
+  (the authors' code draws with standard deviations 0.3 and 0.4, i.e. ν = 0.09 and 0.16).
+  Closed-form M-step: for responsibilities r_{ji} and sample weights w_j, with ω_j = w_j r_{ji},
+  (a_i, b_i) solve the weighted least-squares normal equations
+  [x 1]ᵀ Ω [x 1] (a_i, b_i) = [x 1]ᵀ Ω y, and ν_i = Σ_j ω_j (y_j − a_iᵀx_j − b_i)² / Σ_j ω_j.
+* ``multinomial_logistic`` -- softmax regression over C classes [4]:
+  P(y = c | i) = exp(η_{1ic}ᵀx + η_{0ic}) / Σ_ℓ exp(η_{1iℓ}ᵀx + η_{0iℓ}), with the last class's
+  parameters fixed at 0, so only C − 1 rows are stored. No closed-form M-step; the fitter uses
+  Newton steps on the weighted log-likelihood.
+* ``nonlinear`` -- a nonlinear regression expert [5], [10]: mean h(x; η_i) = act(η_{1i}ᵀx + η_{0i})
+  with act ∈ {identity, relu, gelu, sigmoid, tanh}, and Gaussian noise of variance ν_i, so that it is
+  a density expert as well as a regression function. With act = identity it is exactly the
+  Gaussian-linear expert (a = η₁, b = η₀).
+
+Each expert is a frozen (hashable) dataclass, so that it can be part of a static family record.
+Arrays follow one convention: x is (n, d); y is (n,) (float, or int class labels); per-expert
+results are (n, k).
+
+Papers (THEORY.md §6): [1] arXiv 2305.03288, [4] 2310.14188, [5] 2405.13997, [10] 2402.02952.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from .gates import ACTIVATIONS
+from .params import Field
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _gaussian_log_prob(y: jnp.ndarray, mean: jnp.ndarray, variance: jnp.ndarray) -> jnp.ndarray:
+    return -0.5 * (_LOG_2PI + jnp.log(variance) + (y[:, None] - mean) ** 2 / variance)
+
+
+def _gaussian_sample(key: jax.Array, mean: jnp.ndarray, variance: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    chosen_mean = jnp.take_along_axis(mean, labels[:, None], axis=1)[:, 0]
+    noise = jax.random.normal(key, chosen_mean.shape, dtype=mean.dtype)
+    return chosen_mean + jnp.sqrt(variance[labels]) * noise
+
+
+@dataclass(frozen=True)
+class GaussianLinear:
+    """y | expert i ~ N(a_iᵀx + b_i, ν_i) with ν_i a variance."""
+
+    name: ClassVar[str] = "gaussian"
+    is_classifier: ClassVar[bool] = False
+    has_closed_form_mstep: ClassVar[bool] = True
+    fields: ClassVar[tuple[Field, ...]] = (
+        Field("a", ("k", "d"), "real", "expert slopes a"),
+        Field("b", ("k",), "real", "expert intercepts b"),
+        Field("nu", ("k",), "positive", "expert variances ν (a variance, not a standard deviation)"),
+    )
+
+    def mean(self, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
+        """Regression function of each expert, (n, k)."""
+        return x @ expert["a"].T + expert["b"][None, :]
+
+    def log_prob(self, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+        """log f(y_j | x_j; η_i), shape (n, k)."""
+        return _gaussian_log_prob(y, self.mean(expert, x), expert["nu"])
+
+    def sample(self, key: jax.Array, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+        """y_j ~ f(· | x_j; η_{labels_j}), shape (n,)."""
+        return _gaussian_sample(key, self.mean(expert, x), expert["nu"], labels)
+
+    def weighted_mstep(
+        self, x: jnp.ndarray, y: jnp.ndarray, weights: jnp.ndarray, variance_floor: float = 0.0
+    ) -> dict[str, jnp.ndarray]:
+        """Closed-form maximiser of Σ_j Σ_i ω_{ji} log f(y_j | x_j; η_i) for weights ω of shape (n, k).
+
+        Weighted least squares per expert, then the weighted residual variance (floored at
+        ``variance_floor``, 0 by default, so the exact MLE is returned).
+        """
+        design = jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1)  # (n, d + 1)
+        gram = jnp.einsum("ni,nk,nj->kij", design, weights, design)  # (k, d+1, d+1)
+        moment = jnp.einsum("ni,nk,n->ki", design, weights, y)  # (k, d+1)
+        coefficients = jnp.linalg.solve(gram, moment[..., None])[..., 0]
+        residual = y[:, None] - design @ coefficients.T  # (n, k)
+        total = jnp.sum(weights, axis=0)
+        variance = jnp.sum(weights * residual**2, axis=0) / total
+        return {"a": coefficients[:, :-1], "b": coefficients[:, -1], "nu": jnp.maximum(variance, variance_floor)}
+
+
+@dataclass(frozen=True)
+class MultinomialLogistic:
+    """P(y = c | x, expert i) = softmax_c(η_{1ic}ᵀx + η_{0ic}), the last class fixed at 0."""
+
+    name: ClassVar[str] = "multinomial_logistic"
+    is_classifier: ClassVar[bool] = True
+    has_closed_form_mstep: ClassVar[bool] = False
+    fields: ClassVar[tuple[Field, ...]] = (
+        Field("eta0", ("k", "C-1"), "real", "expert class intercepts η₀ (last class fixed at 0)"),
+        Field("eta1", ("k", "C-1", "d"), "real", "expert class slopes η₁ (last class fixed at 0)"),
+    )
+
+    def logits(self, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
+        """Class logits of every expert, (n, k, C), the last class 0."""
+        free = jnp.einsum("nd,kcd->nkc", x, expert["eta1"]) + expert["eta0"][None]
+        return jnp.concatenate([free, jnp.zeros_like(free[..., :1])], axis=-1)
+
+    def class_log_probs(self, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
+        """log P(y = c | x, i), shape (n, k, C)."""
+        return jax.nn.log_softmax(self.logits(expert, x), axis=-1)
+
+    def log_prob(self, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+        log_probs = self.class_log_probs(expert, x)
+        labels = jnp.broadcast_to(y.astype(jnp.int32)[:, None, None], log_probs.shape[:2] + (1,))
+        return jnp.take_along_axis(log_probs, labels, axis=-1)[..., 0]
+
+    def mean(self, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
+        """Class probabilities of every expert, (n, k, C)."""
+        return jnp.exp(self.class_log_probs(expert, x))
+
+    def sample(self, key: jax.Array, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+        chosen = jnp.take_along_axis(self.logits(expert, x), labels[:, None, None], axis=1)[:, 0]
+        return jax.random.categorical(key, chosen, axis=-1).astype(jnp.int32)
+
+
+@dataclass(frozen=True)
+class NonlinearRegression:
+    """y | expert i ~ N(act(η_{1i}ᵀx + η_{0i}), ν_i)."""
+
+    activation: str = "relu"
+    name: ClassVar[str] = "nonlinear"
+    is_classifier: ClassVar[bool] = False
+    has_closed_form_mstep: ClassVar[bool] = False
+    fields: ClassVar[tuple[Field, ...]] = (
+        Field("eta0", ("k",), "real", "expert inner intercepts η₀"),
+        Field("eta1", ("k", "d"), "real", "expert inner slopes η₁"),
+        Field("nu", ("k",), "positive", "expert noise variances ν"),
+    )
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"expert.activation: unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+
+    def mean(self, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
+        return ACTIVATIONS[self.activation](x @ expert["eta1"].T + expert["eta0"][None, :])
+
+    def log_prob(self, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+        return _gaussian_log_prob(y, self.mean(expert, x), expert["nu"])
+
+    def sample(self, key: jax.Array, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+        return _gaussian_sample(key, self.mean(expert, x), expert["nu"], labels)
+
+
+Expert = GaussianLinear | MultinomialLogistic | NonlinearRegression
+
+EXPERTS: dict[str, type] = {cls.name: cls for cls in (GaussianLinear, MultinomialLogistic, NonlinearRegression)}
+
+
+def make_expert(spec: str | Expert | Mapping[str, Any], **options: Any) -> Expert:
+    """Build an expert from a name (``"gaussian"``, ``"multinomial_logistic"``, ``"nonlinear"``),
+    an expert instance, or a dict ``{"name": ..., **options}`` (e.g. ``{"name": "nonlinear",
+    "activation": "gelu"}``)."""
+    if isinstance(spec, (GaussianLinear, MultinomialLogistic, NonlinearRegression)):
+        return spec
+    if isinstance(spec, Mapping):
+        options = {**dict(spec), **options}
+        spec = options.pop("name", None)
+    if spec not in EXPERTS:
+        raise ValueError(f"expert: unknown expert {spec!r}; expected one of {sorted(EXPERTS)}")
+    try:
+        return EXPERTS[spec](**options)
+    except TypeError:
+        raise ValueError(f"expert {spec!r}: unknown option(s) {sorted(options)}") from None
