@@ -112,17 +112,19 @@ class Score:
     """A registered score: its fields, slope part and offset.
 
     ``translatable_slope`` says whether adding a common t₁ to the slope field leaves a softmax
-    gate unchanged (true for the linear score without activation).
+    gate unchanged, and ``affine`` whether the score is affine in its parameters (both true for the
+    linear score only; the fitters use ``affine`` to skip a Hessian term that is then zero).
     """
 
     fields: tuple[Field, ...]
     slope: Callable[[Mapping[str, jnp.ndarray], jnp.ndarray], jnp.ndarray]
     offset: Callable[[Mapping[str, jnp.ndarray]], jnp.ndarray]
     translatable_slope: bool = False
+    affine: bool = False
 
 
 SCORES: dict[str, Score] = {
-    "linear": Score(_BETA_FIELDS, _linear_slope, _beta0_offset, translatable_slope=True),
+    "linear": Score(_BETA_FIELDS, _linear_slope, _beta0_offset, translatable_slope=True, affine=True),
     "euclidean": Score(_BETA_FIELDS, _euclidean_slope, _beta0_offset),
     "laplace": Score(_BETA_FIELDS, _laplace_slope, _beta0_offset),
     "gaussian": Score(
@@ -230,6 +232,11 @@ class Gate:
         """True when a common shift t₁ of every β₁ also leaves π unchanged."""
         return self.shift_invariant and SCORES[self.score].translatable_slope and self.activation is None
 
+    @property
+    def affine_in_parameters(self) -> bool:
+        """True when every score s_i is affine in the gate parameters (as the fitter sees them)."""
+        return SCORES[self.score].affine and self.activation is None and self.temperature is None
+
     def describe(self) -> str:
         parts = [f"{self.score} score", f"{self.normaliser} normaliser"]
         if self.transform:
@@ -308,14 +315,25 @@ def top_k_mask(selection_key: jnp.ndarray, top_k: int) -> jnp.ndarray:
     return jnp.any(indices[..., :, None] == jnp.arange(selection_key.shape[-1]), axis=-2)
 
 
+def selection_mask(gate: Gate, slope: jnp.ndarray, score: jnp.ndarray) -> jnp.ndarray | None:
+    """The top-K selection S(x) as a boolean (n, k) mask, or None for a dense gate."""
+    if gate.top_k is None or gate.top_k >= score.shape[-1]:
+        return None
+    return top_k_mask(slope if gate.top_k_on == "slope" else score, gate.top_k)
+
+
+def normalise(gate: Gate, score: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
+    """log π from full scores: log φ(s_i) − log Σ_{j∈S} φ(s_j), −inf outside the selection."""
+    log_phi = NORMALISERS[gate.normaliser].log_phi(score)
+    if mask is not None:
+        log_phi = jnp.where(mask, log_phi, -jnp.inf)
+    return log_phi - jax.nn.logsumexp(log_phi, axis=-1, keepdims=True)
+
+
 def log_gate_weights(gate: Gate, gate_params: Mapping[str, jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
     """log π_i(x_j), shape (n, k). Unselected experts of a top-K gate get exactly −inf."""
     slope, score = gate_scores(gate, gate_params, x)
-    log_phi = NORMALISERS[gate.normaliser].log_phi(score)
-    if gate.top_k is not None and gate.top_k < score.shape[-1]:
-        mask = top_k_mask(slope if gate.top_k_on == "slope" else score, gate.top_k)
-        log_phi = jnp.where(mask, log_phi, -jnp.inf)
-    return log_phi - jax.nn.logsumexp(log_phi, axis=-1, keepdims=True)
+    return normalise(gate, score, selection_mask(gate, slope, score))
 
 
 def translate_gate(

@@ -1,0 +1,7 @@
+"""Estimators: EM and direct maximum likelihood for gated mixtures of experts, single or batched."""
+
+from .api import METHODS, fit, fit_batch, select_best
+from .em import EMConfig, FitResult, fit_em, fit_em_trace
+from .mle import fit_mle
+
+__all__ = ["METHODS", "EMConfig", "FitResult", "fit", "fit_batch", "fit_em", "fit_em_trace", "fit_mle", "select_best"]

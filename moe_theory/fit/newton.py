@@ -1,0 +1,171 @@
+"""Unconstrained coordinates and the damped Newton ascent used by every M-step without a closed form.
+
+**Coordinates.** Fitters move in an unconstrained space: a ``positive`` field (variances ν, the
+temperature τ, Gaussian-gate weights w) through u = log v, a ``positive_definite`` field Γ through its
+log-Cholesky factor (Γ = LLᵀ, the diagonal of L stored as logs), and ``real`` fields unchanged.
+
+**Free coordinates.** Some coordinates are fixed during fitting: the reference (last) expert's gate
+offset, and its slope where the gate is translatable, for softmax-type gates (the authors' convention
+[1]: without it the gate's Hessian is singular along the common translation), and τ when the family
+fixes the temperature.
+
+**Newton ascent** maximises a smooth objective Q(u) over the free coordinates. Each step takes the
+saddle-free Newton direction δ = V |Λ|_ε⁻¹ Vᵀ g, where −∇²Q = V Λ Vᵀ, |Λ|_ε = max(|Λ|, ε·max|Λ|, ε),
+and g = ∇Q; on a concave objective (the softmax gate [1]) this is the ordinary Newton step, and on a
+non-concave one (sigmoid and Euclidean gates, nonlinear experts) it is still an ascent direction.
+Step halving then tries α = 1, 1/2, 1/4, … until Q(u + αδ) ≥ Q(u); if no halving succeeds the point
+is left unchanged. Hence Q never decreases, which keeps EM's log-likelihood monotone (a generalised
+EM). Gradients and Hessians come from automatic differentiation, so a new gate needs no M-step code.
+
+[1] Nguyen, Nguyen, Ho, NeurIPS 2023, arXiv 2305.03288 (the authors' IRLS gate update with step
+halving, THEORY.md §3).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from ..models import Family
+from ..params import Field
+
+
+def _log_cholesky(matrix: jnp.ndarray) -> jnp.ndarray:
+    factor = jnp.linalg.cholesky(matrix)
+    diagonal = jnp.diagonal(factor, axis1=-2, axis2=-1)
+    return factor - jnp.vectorize(jnp.diag, signature="(d)->(d,d)")(diagonal - jnp.log(diagonal))
+
+
+def _from_log_cholesky(unconstrained: jnp.ndarray) -> jnp.ndarray:
+    lower = jnp.tril(unconstrained)
+    diagonal = jnp.diagonal(lower, axis1=-2, axis2=-1)
+    factor = lower + jnp.vectorize(jnp.diag, signature="(d)->(d,d)")(jnp.exp(diagonal) - diagonal)
+    return factor @ jnp.swapaxes(factor, -1, -2)
+
+
+def unconstrain(fields: tuple[Field, ...], group: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    """Map a parameter group to unconstrained coordinates."""
+    out = {}
+    for field in fields:
+        value = group[field.name]
+        if field.constraint == "positive":
+            value = jnp.log(value)
+        elif field.constraint == "positive_definite":
+            value = _log_cholesky(value)
+        out[field.name] = value
+    return out
+
+
+def constrain(fields: tuple[Field, ...], group: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    """Inverse of :func:`unconstrain`."""
+    out = {}
+    for field in fields:
+        value = group[field.name]
+        if field.constraint == "positive":
+            value = jnp.exp(value)
+        elif field.constraint == "positive_definite":
+            value = _from_log_cholesky(value)
+        out[field.name] = value
+    return out
+
+
+def gate_free_mask(family: Family, like: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    """1 for gate coordinates the fitter moves, 0 for those it holds fixed (see module docstring)."""
+    gate = family.gate
+    mask = {name: jnp.ones_like(value) for name, value in like.items()}
+    if gate.shift_invariant:
+        offset = "weight" if gate.score == "gaussian" else "beta0"
+        mask[offset] = mask[offset].at[-1].set(0.0)
+        if gate.slope_translatable:
+            mask["beta1"] = mask["beta1"].at[-1].set(0.0)
+    if gate.temperature == "fixed":
+        mask["tau"] = jnp.zeros_like(mask["tau"])
+    for field in gate.fields:
+        if field.constraint == "positive_definite":
+            # Only the lower triangle of a log-Cholesky factor is a coordinate.
+            mask[field.name] = jnp.tril(mask[field.name])
+    return mask
+
+
+def newton_ascent(
+    objective: Callable[[dict], tuple[jnp.ndarray, jnp.ndarray]],
+    start: dict,
+    free: dict,
+    num_steps: int,
+    max_halvings: int = 20,
+    derivatives: Callable[[dict], tuple] | None = None,
+) -> tuple[dict, jnp.ndarray, jnp.ndarray]:
+    """Maximise ``objective`` from ``start`` by ``num_steps`` damped Newton steps on the free coordinates.
+
+    Args:
+        objective: u ↦ (Q(u), aux); aux is any array computed alongside Q (the E-step reuses the
+            gate's log-weights at the accepted point, so they are not recomputed).
+        start: unconstrained parameter dict.
+        free: dict of the same structure, 1 where a coordinate may move and 0 where it is fixed.
+        num_steps: number of Newton steps (static).
+        max_halvings: at most this many step halvings per step.
+        derivatives: optional u ↦ (Q, aux, ∇Q, ∇²Q) with gradient and Hessian flattened in
+            ``ravel_pytree`` order, for objectives with exploitable structure; by default one
+            forward-over-reverse automatic-differentiation pass.
+
+    Returns:
+        (u, Q(u), aux(u)) at the last accepted point; Q never decreases along the way.
+    """
+    flat_start, unravel = ravel_pytree(start)
+    flat_free, _ = ravel_pytree(free)
+
+    def flat_objective(flat):
+        return objective(unravel(flat))
+
+    def gradient_with_value(flat):
+        (value, aux), gradient = jax.value_and_grad(flat_objective, has_aux=True)(flat)
+        return gradient, (value, aux, gradient)
+
+    def flat_derivatives(flat):
+        if derivatives is not None:
+            return derivatives(unravel(flat))
+        # One forward-over-reverse pass gives Q, aux, ∇Q and ∇²Q together.
+        hessian, (value, aux, gradient) = jax.jacfwd(gradient_with_value, has_aux=True)(flat)
+        return value, aux, gradient, hessian
+
+    def one_step(_, carry):
+        flat, _, _ = carry
+        value, aux, gradient, hessian = flat_derivatives(flat)
+        gradient = gradient * flat_free
+        hessian = hessian * flat_free[:, None] * flat_free[None, :]
+        eigenvalues, eigenvectors = jnp.linalg.eigh(-hessian)
+        magnitude = jnp.abs(eigenvalues)
+        floor = jnp.finfo(flat.dtype).eps ** 0.5 * jnp.maximum(jnp.max(magnitude), 1.0)
+        direction = flat_free * (eigenvectors @ ((eigenvectors.T @ gradient) / jnp.maximum(magnitude, floor)))
+
+        def try_step(state):
+            step_size, _, _, _, _ = state
+            candidate = flat + step_size * direction
+            candidate_value, candidate_aux = flat_objective(candidate)
+            improved = candidate_value >= value
+            return step_size * 0.5, candidate, candidate_value, candidate_aux, improved
+
+        def keep_halving(state):
+            step_size, _, _, _, improved = state
+            return (~improved) & (step_size > 0.5**max_halvings)
+
+        initial = (jnp.asarray(1.0, flat.dtype), flat, value, aux, jnp.asarray(False))
+        _, candidate, candidate_value, candidate_aux, improved = jax.lax.while_loop(
+            keep_halving, try_step, try_step(initial)
+        )
+        accept = improved & jnp.isfinite(candidate_value)
+        return (
+            jnp.where(accept, candidate, flat),
+            jnp.where(accept, candidate_value, value),
+            jnp.where(accept, candidate_aux, aux),
+        )
+
+    if num_steps == 0:
+        value, aux = flat_objective(flat_start)
+        return start, value, aux
+    first = one_step(0, (flat_start, None, None))
+    flat, value, aux = jax.lax.fori_loop(1, num_steps, one_step, first)
+    return unravel(flat), value, aux
