@@ -81,7 +81,7 @@ class GaussianLinear:
         Weighted least squares per expert, then the weighted residual variance (floored at
         ``variance_floor``, 0 by default, so the exact MLE is returned).
         """
-        design = jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1)  # (n, d + 1)
+        design = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)  # (n, d + 1)
         gram = jnp.einsum("ni,nk,nj->kij", design, weights, design)  # (k, d+1, d+1)
         moment = jnp.einsum("ni,nk,n->ki", design, weights, y)  # (k, d+1)
         coefficients = jnp.linalg.solve(gram, moment[..., None])[..., 0]

@@ -24,7 +24,8 @@ start) and a few gate Newton steps from the uniform gate give the gate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Sequence
 
 import jax
@@ -125,6 +126,7 @@ def _kmeans_plus_plus_labels(key: jax.Array, features: jnp.ndarray, weights: jnp
     return jnp.argmin(distances, axis=-1)
 
 
+@partial(jax.jit, static_argnames=("family", "gate_steps", "expert_steps"))
 def random_init(
     key: jax.Array,
     family: Family,
@@ -183,5 +185,8 @@ def random_init(
     config = EMConfig(gate_steps=gate_steps, expert_steps=expert_steps)
     expert = expert_mstep(family, config, start, x, y, omega, total)
     log_gate = jnp.zeros((n, k), dtype)
-    gate, _ = gate_mstep(family, config, start, log_gate, x, omega, total)
+    # Fit the gate densely: a top-K gate at the all-zero start ties every expert, and ties would
+    # leave the same K experts selected everywhere.
+    dense = replace(family, gate=replace(family.gate, top_k=None))
+    gate, _ = gate_mstep(dense, config, start, log_gate, x, omega, total)
     return canonicalize(family, MoEParams(gate, expert))

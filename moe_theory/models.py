@@ -40,7 +40,8 @@ from .params import Field, MoEParams, ParameterError, to_jax, validate_group
 class Family:
     """Static, hashable description of a model: gate × expert × number of experts × input dim.
 
-    Pass it as a static argument to ``jax.jit``. Build each family once and reuse it.
+    Pass it as a static argument to ``jax.jit``. Build each family once and reuse it. ``dim = 0``
+    is allowed: with no inputs, a mixture of Gaussian experts is a plain Gaussian mixture.
     """
 
     gate: Gate
@@ -50,10 +51,10 @@ class Family:
     num_classes: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "dim"):
+        for name, smallest in (("num_experts", 1), ("dim", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
+                raise ValueError(f"{name}: expected an integer ≥ {smallest}, got {value!r}")
         if self.gate.top_k is not None and self.gate.top_k > self.num_experts:
             raise ValueError(
                 f"gate.top_k: K = {self.gate.top_k} exceeds the number of experts k = {self.num_experts}; expected K ≤ k"
@@ -173,9 +174,16 @@ def log_likelihood(
         reduce: ``"mean"`` (the weighted average Σ w_j ℓ_j / Σ w_j, the default), ``"sum"``
             (Σ w_j ℓ_j) or ``"none"`` (the per-sample log-densities ℓ_j, (n,), unweighted).
     """
-    per_sample = jax.nn.logsumexp(joint_log_prob(family, params, x, y), axis=-1)
     if reduce == "none":
-        return per_sample
+        return jax.nn.logsumexp(joint_log_prob(family, params, x, y), axis=-1)
+    if weights is not None:
+        # Masking ℓ_j alone is not enough: a NaN/inf x_j or y_j in a padded row still sends NaN
+        # back through the gradient (0 · NaN = NaN in every backward step). Replacing the inputs of
+        # zero-weight rows by 0, a valid point for every gate and expert, makes them inert.
+        keep = weights > 0
+        x = jnp.where(keep[:, None], x, jnp.zeros_like(x))
+        y = jnp.where(keep, y, jnp.zeros_like(y))
+    per_sample = jax.nn.logsumexp(joint_log_prob(family, params, x, y), axis=-1)
     total = weighted_sum(per_sample, weights)
     if reduce == "sum":
         return total

@@ -108,22 +108,36 @@ def _xlogy_weighted(weights: jnp.ndarray, log_values: jnp.ndarray) -> jnp.ndarra
 
 
 def expert_mstep(family: Family, config: EMConfig, params: MoEParams, x, y, omega, total):
+    """Maximise Σ_j Σ_i ω_ji log f(y_j | x_j; η_i) over the expert parameters.
+
+    An expert whose update is not finite, as when it holds no responsibility (a top-K expert that
+    is never selected) or too few points for its regression, keeps its previous parameters: with
+    no data there is nothing to estimate, and keeping them leaves the objective unchanged.
+    """
     expert = family.expert
     if expert.has_closed_form_mstep:
-        return expert.weighted_mstep(x, y, omega, config.variance_floor)
-    fields = expert.fields
+        new = expert.weighted_mstep(x, y, omega, config.variance_floor)
+    else:
+        fields = expert.fields
 
-    def objective(unconstrained):
-        log_f = expert.log_prob(constrain(fields, unconstrained), x, y)
-        return _xlogy_weighted(omega, log_f) / total, None
+        def objective(unconstrained):
+            log_f = expert.log_prob(constrain(fields, unconstrained), x, y)
+            return _xlogy_weighted(omega, log_f) / total, None
 
-    start = unconstrain(fields, params.expert)
-    free = {name: jnp.ones_like(value) for name, value in start.items()}
-    updated, _, _ = newton_ascent(objective, start, free, config.expert_steps, config.max_halvings)
-    new = constrain(fields, updated)
-    if "nu" in new:
-        new["nu"] = jnp.maximum(new["nu"], config.variance_floor)
-    return new
+        start = unconstrain(fields, params.expert)
+        free = {name: jnp.ones_like(value) for name, value in start.items()}
+        updated, _, _ = newton_ascent(objective, start, free, config.expert_steps, config.max_halvings)
+        new = constrain(fields, updated)
+        if "nu" in new:
+            new["nu"] = jnp.maximum(new["nu"], config.variance_floor)
+    per_expert_finite = jnp.stack(
+        [jnp.all(jnp.isfinite(value.reshape(value.shape[0], -1)), axis=1) for value in new.values()]
+    ).all(axis=0)
+    keep = per_expert_finite & (jnp.sum(omega, axis=0) > 0)
+    return {
+        name: jnp.where(keep.reshape((-1,) + (1,) * (value.ndim - 1)), value, params.expert[name])
+        for name, value in new.items()
+    }
 
 
 def _gate_derivatives(family: Family, x, omega, total):

@@ -160,12 +160,15 @@ def newton_ascent(
         return (
             jnp.where(accept, candidate, flat),
             jnp.where(accept, candidate_value, value),
-            jnp.where(accept, candidate_aux, aux),
+            jax.tree_util.tree_map(lambda new, old: jnp.where(accept, new, old), candidate_aux, aux),
         )
 
     if num_steps == 0:
         value, aux = flat_objective(flat_start)
         return start, value, aux
-    first = one_step(0, (flat_start, None, None))
-    flat, value, aux = jax.lax.fori_loop(1, num_steps, one_step, first)
+    # one_step ignores the incoming value and aux, so zeros of the right shape start the loop and
+    # the step is traced once, whatever num_steps is.
+    value_shape, aux_shape = jax.eval_shape(flat_objective, flat_start)
+    placeholders = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (value_shape, aux_shape))
+    flat, value, aux = jax.lax.fori_loop(0, num_steps, one_step, (flat_start, *placeholders))
     return unravel(flat), value, aux
