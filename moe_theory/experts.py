@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Mapping
 import jax
 import jax.numpy as jnp
 
+from . import linalg
 from .gates import ACTIVATIONS
 from .params import Field
 
@@ -84,7 +85,7 @@ class GaussianLinear:
         design = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)  # (n, d + 1)
         gram = jnp.einsum("ni,nk,nj->kij", design, weights, design)  # (k, d+1, d+1)
         moment = jnp.einsum("ni,nk,n->ki", design, weights, y)  # (k, d+1)
-        coefficients = jnp.linalg.solve(gram, moment[..., None])[..., 0]
+        coefficients = linalg.solve_positive_definite(gram, moment)
         residual = y[:, None] - design @ coefficients.T  # (n, k)
         total = jnp.sum(weights, axis=0)
         variance = jnp.sum(weights * residual**2, axis=0) / total

@@ -53,6 +53,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from . import linalg
 from .params import Field
 
 # ----------------------------------------------------------------------------------------------
@@ -85,15 +86,16 @@ def _laplace_slope(gate: Mapping[str, jnp.ndarray], z: jnp.ndarray) -> jnp.ndarr
 def _gaussian_log_density(gate: Mapping[str, jnp.ndarray], z: jnp.ndarray) -> jnp.ndarray:
     centres, covariances = gate["centre"], gate["covariance"]
     dim = z.shape[-1]
-    cholesky = jnp.linalg.cholesky(covariances)  # (k, d, d)
-    residual = z[None, :, :] - centres[:, None, :]  # (k, n, d)
-    whitened = jax.vmap(lambda L, r: jax.scipy.linalg.solve_triangular(L, r.T, lower=True).T)(cholesky, residual)
-    log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(cholesky, axis1=-2, axis2=-1)), axis=-1)  # (k,)
-    quadratic = jnp.sum(whitened**2, axis=-1)  # (k, n)
-    return (-0.5 * (quadratic + log_det[:, None] + dim * math.log(2.0 * math.pi))).T
+    factor = linalg.cholesky(covariances)  # (k, d, d)
+    residual = z[:, None, :] - centres[None, :, :]  # (n, k, d)
+    whitened = linalg.solve_lower(factor[None], residual)  # L_i⁻¹ (z − c_i)
+    log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(factor, axis1=-2, axis2=-1)), axis=-1)  # (k,)
+    quadratic = jnp.sum(whitened**2, axis=-1)  # (n, k)
+    return -0.5 * (quadratic + log_det[None, :] + dim * math.log(2.0 * math.pi))
 
 
-def _beta0_offset(gate: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+def beta0_offset(gate: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+    """The per-expert offset β₀ shared by every score with :data:`BETA_FIELDS`."""
     return gate["beta0"]
 
 
@@ -101,10 +103,11 @@ def _log_weight_offset(gate: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
     return jnp.log(gate["weight"])
 
 
-_BETA_FIELDS = (
+BETA_FIELDS = (
     Field("beta0", ("k",), "real", "gate intercepts β₀"),
     Field("beta1", ("k", "d"), "real", "gate slopes / locations β₁"),
 )
+"""Fields of a score parametrised by an offset β₀ ∈ R^k and a slope or location β₁ ∈ R^{k×d}."""
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,9 @@ class Score:
 
 
 SCORES: dict[str, Score] = {
-    "linear": Score(_BETA_FIELDS, _linear_slope, _beta0_offset, translatable_slope=True, affine=True),
-    "euclidean": Score(_BETA_FIELDS, _euclidean_slope, _beta0_offset),
-    "laplace": Score(_BETA_FIELDS, _laplace_slope, _beta0_offset),
+    "linear": Score(BETA_FIELDS, _linear_slope, beta0_offset, translatable_slope=True, affine=True),
+    "euclidean": Score(BETA_FIELDS, _euclidean_slope, beta0_offset),
+    "laplace": Score(BETA_FIELDS, _laplace_slope, beta0_offset),
     "gaussian": Score(
         (
             Field("weight", ("k",), "positive", "Gaussian-gate weights w (π_i ∝ w_i N(x | c_i, Γ_i))"),

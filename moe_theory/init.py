@@ -17,7 +17,8 @@ canonical form first, so the fitted reference expert starts (and stays) at the r
 **Random initialisation** (needs no truth): k-means++ seeding [Arthur & Vassilievitch 2007] on the
 standardised pairs (x, y) picks k data points; each sample is assigned to its nearest seed; then one
 M-step from those hard responsibilities gives the experts (closed form, or Newton from a neutral
-start) and a few gate Newton steps from the uniform gate give the gate.
+start) and a few gate Newton steps give the gate, starting from the uniform gate (β = 0) for the
+linear score and from the cluster means for location-type scores and Gaussian-gate centres.
 
 [1] Nguyen, Nguyen, Ho, NeurIPS 2023, arXiv 2305.03288.
 """
@@ -31,6 +32,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from .gates import SCORES
 from .models import Family, canonicalize
 from .params import MoEParams
 
@@ -167,7 +169,9 @@ def random_init(
             neutral_gate["tau"] = jnp.asarray(tau, dtype)
         elif field.name == "weight":
             neutral_gate["weight"] = cluster_mass / total
-        elif field.name == "centre" or (field.name == "beta1" and family.gate.score in ("euclidean", "laplace")):
+        elif field.name == "centre" or (field.name == "beta1" and not SCORES[family.gate.score].affine):
+            # Locations (Euclidean, Laplace) or directions of a non-affine score start at the
+            # cluster means; 0 can be a singular point of such a score.
             neutral_gate[field.name] = cluster_mean
         elif field.name == "covariance":
             residual = x[None, :, :] - cluster_mean[:, None, :]

@@ -145,6 +145,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import linalg
 from .experts import GaussianLinear
 from .gates import NORMALISERS, SCORES, TAU_FIELD, Gate, translate_gate
 from .models import Family, canonicalize, expert_log_prob, gate_log_weights, mean_function
@@ -528,7 +529,7 @@ def _newton_direction(config, fitted, true, exponents, slope_shift, smoothing) -
 
     zero = jnp.zeros_like(slope_shift)
     gradient, hessian = jax.grad(smoothed)(zero), jax.hessian(smoothed)(zero)
-    return -jnp.linalg.solve(hessian, gradient)
+    return -linalg.solve_positive_definite(hessian, gradient)
 
 
 def _search_slope_shift(config, fitted, true, exponents) -> jnp.ndarray:

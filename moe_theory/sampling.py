@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import linalg
 from .models import Family, gate_log_weights
 from .params import MoEParams
 
@@ -117,7 +118,7 @@ class GaussianMixtureInputs:
         component_key, noise_key = jax.random.split(key)
         components = jax.random.categorical(component_key, log_weights, shape=(n,))
         noise = jax.random.normal(noise_key, (n, dim), dtype=dtype)
-        cholesky = jnp.linalg.cholesky(covariances)[components]  # (n, d, d)
+        cholesky = linalg.cholesky(covariances)[components]  # (n, d, d)
         return means[components] + jnp.einsum("nij,nj->ni", cholesky, noise)
 
 

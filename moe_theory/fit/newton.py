@@ -9,11 +9,14 @@ offset, and its slope where the gate is translatable, for softmax-type gates (th
 [1]: without it the gate's Hessian is singular along the common translation), and τ when the family
 fixes the temperature.
 
-**Newton ascent** maximises a smooth objective Q(u) over the free coordinates. Each step takes the
-saddle-free Newton direction δ = V |Λ|_ε⁻¹ Vᵀ g, where −∇²Q = V Λ Vᵀ, |Λ|_ε = max(|Λ|, ε·max|Λ|, ε),
-and g = ∇Q; on a concave objective (the softmax gate [1]) this is the ordinary Newton step, and on a
-non-concave one (sigmoid and Euclidean gates, nonlinear experts) it is still an ascent direction.
-Step halving then tries α = 1, 1/2, 1/4, … until Q(u + αδ) ≥ Q(u); if no halving succeeds the point
+**Newton ascent** maximises a smooth objective Q(u) over the free coordinates. With g = ∇Q and
+A = −∇²Q (fixed coordinates replaced by identity rows), each step solves (A + μI) δ = g with
+μ = ε·max(1, max|A_ii|), ε = √(machine epsilon), when A + μI is positive definite: on a concave
+objective (the softmax gate [1]) this is the ordinary Newton step. Where it is not (sigmoid and
+Euclidean gates, nonlinear experts can be locally non-concave), μ is raised to the Gershgorin bound
+max_i (Σ_{j≠i} |A_ij| − A_ii) + ε·max(1, max|A_ii|), which makes A + μI diagonally dominant and
+hence positive definite, so δ is a Levenberg–Marquardt ascent direction. The factorisations use
+:mod:`moe_theory.linalg` (no LAPACK calls inside the compiled loop). Step halving then tries α = 1, 1/2, 1/4, … until Q(u + αδ) ≥ Q(u); if no halving succeeds the point
 is left unchanged. Hence Q never decreases, which keeps EM's log-likelihood monotone (a generalised
 EM). Gradients and Hessians come from automatic differentiation, so a new gate needs no M-step code.
 
@@ -29,12 +32,13 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from .. import linalg
 from ..models import Family
 from ..params import Field
 
 
 def _log_cholesky(matrix: jnp.ndarray) -> jnp.ndarray:
-    factor = jnp.linalg.cholesky(matrix)
+    factor = linalg.cholesky(matrix)
     diagonal = jnp.diagonal(factor, axis1=-2, axis2=-1)
     return factor - jnp.vectorize(jnp.diag, signature="(d)->(d,d)")(diagonal - jnp.log(diagonal))
 
@@ -90,6 +94,19 @@ def gate_free_mask(family: Family, like: Mapping[str, jnp.ndarray]) -> dict[str,
     return mask
 
 
+def _damped_newton_direction(curvature: jnp.ndarray, gradient: jnp.ndarray) -> jnp.ndarray:
+    """Solve (A + μI) δ = g with the smallest of the two shifts μ of the module docstring that works."""
+    diagonal = jnp.diagonal(curvature)
+    ridge = jnp.finfo(curvature.dtype).eps ** 0.5 * jnp.maximum(jnp.max(jnp.abs(diagonal)), 1.0)
+    identity = jnp.eye(curvature.shape[0], dtype=curvature.dtype)
+    newton_factor = linalg.cholesky(curvature + ridge * identity)
+    gershgorin = jnp.max(jnp.sum(jnp.abs(curvature), axis=1) - jnp.abs(diagonal) - diagonal)
+    shifted_factor = linalg.cholesky(curvature + (jnp.maximum(gershgorin, 0.0) + ridge) * identity)
+    # A failed factorisation shows up as NaN (square root of a negative pivot).
+    factor = jnp.where(jnp.all(jnp.isfinite(newton_factor)), newton_factor, shifted_factor)
+    return linalg.solve_upper_transposed(factor, linalg.solve_lower(factor, gradient))
+
+
 def newton_ascent(
     objective: Callable[[dict], tuple[jnp.ndarray, jnp.ndarray]],
     start: dict,
@@ -136,10 +153,7 @@ def newton_ascent(
         value, aux, gradient, hessian = flat_derivatives(flat)
         gradient = gradient * flat_free
         hessian = hessian * flat_free[:, None] * flat_free[None, :]
-        eigenvalues, eigenvectors = jnp.linalg.eigh(-hessian)
-        magnitude = jnp.abs(eigenvalues)
-        floor = jnp.finfo(flat.dtype).eps ** 0.5 * jnp.maximum(jnp.max(magnitude), 1.0)
-        direction = flat_free * (eigenvectors @ ((eigenvectors.T @ gradient) / jnp.maximum(magnitude, floor)))
+        direction = flat_free * _damped_newton_direction(-hessian + jnp.diag(1.0 - flat_free), gradient)
 
         def try_step(state):
             step_size, _, _, _, _ = state
