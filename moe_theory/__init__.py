@@ -6,7 +6,9 @@ matters more.
 
 The data flow is ``family, params -> sample -> fit -> score -> rates``. Start with
 :func:`make_family` / :func:`make_params` (or :func:`model_from_dict` for config layouts),
-:func:`sample`, :func:`log_likelihood` and :func:`responsibilities`.
+:func:`sample`, :func:`log_likelihood` and :func:`responsibilities`; then :mod:`moe_theory.fit`
+(estimators), :mod:`moe_theory.init` (starting points), :mod:`moe_theory.losses` (Voronoi losses,
+parameter errors, density distances) and :mod:`moe_theory.rates` (slopes and the theory registry).
 """
 
 import jax
@@ -32,6 +34,7 @@ from .models import (  # noqa: E402
 )
 from .params import MoEParams, ParameterError, params_to_dict  # noqa: E402
 from .sampling import INPUTS, make_inputs, sample  # noqa: E402
+from . import fit, init, losses, rates  # noqa: E402  (submodules: estimators, starts, scoring, rates)
 
 __version__ = "0.1.0"
 

@@ -166,7 +166,7 @@ def test_exact_fit_recovers_truth_at_large_n(gate_name):
     """An exact fit (k = k*) from random starts recovers the expert parameters up to relabelling."""
     family, truth = mt.model_from_dict(_truth_for(gate_name))
     inputs = mt.make_inputs({"name": "gaussian_mixture", "from_gate": True} if family.gate.score == "gaussian" else "normal")
-    x, y, _ = mt.sample(jax.random.key(5), family, truth, 20_000, inputs)
+    x, y, _ = mt.sample(jax.random.key(5), family, truth, 6_000, inputs)
     result = fit(family, x, y, key=jax.random.key(6), n_init=3, tol=1e-8)
     assert bool(result.converged) and bool(result.finite)
     assert _relabelling_error(family, result.params, truth) < 0.05
