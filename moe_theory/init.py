@@ -184,7 +184,9 @@ def random_init(
         for field in family.expert.fields
     }
     if "nu" in neutral_expert:
-        neutral_expert["nu"] = neutral_expert["nu"] * jnp.var(y.astype(dtype))
+        # Weighted, so that zero-weight padding leaves the start unchanged.
+        y_mean = jnp.sum(weights * y) / total
+        neutral_expert["nu"] = neutral_expert["nu"] * jnp.sum(weights * (y - y_mean) ** 2) / total
     start = MoEParams(neutral_gate, neutral_expert)
     config = EMConfig(gate_steps=gate_steps, expert_steps=expert_steps)
     expert = expert_mstep(family, config, start, x, y, omega, total)

@@ -262,16 +262,18 @@ class RateFit:
 
     @property
     def constant(self) -> float:
-        """C = exp(intercept) in the fitted curve C·n^slope."""
-        return math.exp(self.intercept)
+        """C = exp(intercept) in the fitted curve C·n^slope (inf if it overflows a float)."""
+        return math.exp(self.intercept) if self.intercept < 709.0 else math.inf
 
     def predict(self, sample_size):
-        """The fitted curve C·n^slope at ``sample_size`` (scalar or array)."""
-        return self.constant * np.power(sample_size, self.slope)
+        """The fitted curve C·n^slope at ``sample_size`` (scalar or array), computed in log space."""
+        return np.exp(self.intercept + self.slope * np.log(sample_size))
 
     def label(self) -> str:
-        """Short plot label, e.g. ``"3.5·n^{-0.64}"``."""
-        return f"{self.constant:.2g}·n^{{{self.slope:.2f}}}"
+        """Short plot label, e.g. ``"3.5·n^{-0.64}"``; a constant beyond float range is written as 10^x."""
+        if self.intercept < 709.0:
+            return f"{self.constant:.2g}·n^{{{self.slope:.2f}}}"
+        return f"10^{{{self.intercept / math.log(10):.0f}}}·n^{{{self.slope:.2f}}}"
 
 
 def fit_rate(

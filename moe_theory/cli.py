@@ -1,0 +1,315 @@
+"""The ``moe-theory`` command line (also ``python -m moe_theory``).
+
+* ``moe-theory run CONFIG [--set KEY.PATH=VALUE ...] [--out DIR]`` runs a rate study described by a
+  YAML config (:mod:`moe_theory.config`) into a new folder ``DIR/<name>/<run_id>/``
+  (:mod:`moe_theory.storage`): the sweep (:mod:`moe_theory.sweep`) with a progress bar, then
+  ``summary.csv``, ``rates.csv``, the figures and ``report.md``; it ends by printing where
+  everything went and the rate table. ``--resume RUN_DIR`` completes an interrupted run in its
+  own folder without recomputing finished cells (CONFIG may then be left out; if given, it must
+  resolve to the run's saved config).
+* ``moe-theory plot RUN_DIR`` redraws the figures and ``moe-theory report RUN_DIR`` rewrites the
+  tables and the report, from ``fits.parquet`` alone.
+* ``moe-theory list`` lists the configs shipped in ``configs/`` with their one-line descriptions
+  (``--rates`` lists the theoretical-rate registry instead).
+* ``moe-theory fit --data FILE.csv --gate softmax --expert gaussian --num-experts 3`` fits a user's
+  own data: a CSV with input columns ``x1 .. xd`` and a response column ``y`` (integer classes for
+  classification experts). It prints the fitted parameters, log-likelihood and convergence flags
+  as JSON, or writes them with ``--out``; the ``params`` block uses the same layout a config's true
+  parameters use, so a fit can be fed back as a starting point or a truth.
+
+``run`` keeps JAX's persistent compilation cache in ``$MOE_THEORY_CACHE`` (default
+``~/.cache/moe_theory/jax``), so a repeated or resumed run loads its compiled programs instead of
+compiling them again; ``--no-compile-cache`` turns it off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import pandas as pd
+
+    if not path.is_file():
+        raise SystemExit(f"error: --data {path}: no such file")
+    table = pd.read_csv(path)
+    inputs = sorted((c for c in table.columns if c.startswith("x") and c[1:].isdigit()), key=lambda c: int(c[1:]))
+    if "y" not in table.columns or not inputs:
+        raise SystemExit(f"error: --data {path}: expected columns x1..xd and y, found {list(table.columns)}")
+    if [int(c[1:]) for c in inputs] != list(range(1, len(inputs) + 1)):
+        raise SystemExit(f"error: --data {path}: input columns must be x1..xd without gaps, found {inputs}")
+    values = table[inputs + ["y"]]
+    if values.isna().any().any():
+        row = int(np.argwhere(values.isna().to_numpy())[0][0])
+        raise SystemExit(f"error: --data {path}: missing value in data row {row + 1}")
+    return values[inputs].to_numpy(float), values["y"].to_numpy()
+
+
+def _fit_command(args: argparse.Namespace) -> int:
+    import jax
+
+    from .fit import EMConfig, fit
+    from .models import make_family
+    from .params import params_to_dict
+
+    x, y = _read_csv(Path(args.data))
+    gate = json.loads(args.gate) if args.gate.startswith("{") else args.gate
+    expert = json.loads(args.expert) if args.expert.startswith("{") else args.expert
+    try:
+        family = make_family(gate, expert, args.num_experts, x.shape[1], args.num_classes)
+        config = EMConfig(max_iter=args.max_iter, gate_steps=args.gate_steps)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if family.expert.is_classifier:
+        if not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0 or y.max() >= family.num_classes:
+            raise SystemExit(f"error: --data {args.data}: y must hold integer classes 0..{family.num_classes - 1}")
+    result = fit(
+        family, x, y, key=jax.random.key(args.seed), n_init=args.n_init, method=args.method, tol=args.tol, config=config
+    )
+    report = {
+        "family": family.describe(),
+        "method": args.method,
+        "n": int(x.shape[0]),
+        "log_likelihood": float(result.log_likelihood),
+        "n_iter": int(result.n_iter),
+        "converged": bool(result.converged),
+        "finite": bool(result.finite),
+        "params": params_to_dict(result.params),
+    }
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0 if result.finite else 1
+
+
+def _default_cache_dir() -> Path:
+    if os.environ.get("MOE_THEORY_CACHE"):
+        return Path(os.environ["MOE_THEORY_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "moe_theory" / "jax"
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    import jax
+
+    from . import storage, sweep
+    from .config import ConfigError, load_config
+
+    if not args.no_compile_cache:
+        # Set before anything compiles: JAX decides once whether to use the persistent cache.
+        cache = Path(args.compile_cache) if args.compile_cache else _default_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+    try:
+        if args.resume:
+            run_dir = storage.require_run_dir(args.resume)
+            config = load_config(run_dir / storage.CONFIG_FILE)
+            if args.config:
+                given = load_config(args.config, args.set)
+                if given.to_dict() != config.to_dict():
+                    differing = sorted(k for k in config.to_dict() if given.to_dict().get(k) != config.to_dict()[k])
+                    return _error(
+                        f"{args.config} does not match the config of the run being resumed ({run_dir / storage.CONFIG_FILE}); "
+                        f"they differ in {differing}. Start a new run instead, or resume without CONFIG."
+                    )
+            elif args.set:
+                return _error("--set cannot change a run being resumed; start a new run instead")
+        else:
+            if not args.config:
+                return _error("run: give a CONFIG file (see `moe-theory list`) or --resume RUN_DIR")
+            config = load_config(args.config, args.set)
+            run_dir = storage.create_run_dir(args.out, config.name)
+            storage.write_text(run_dir / storage.CONFIG_FILE, config.to_yaml())
+    except (ConfigError, storage.RunFolderError) as error:
+        return _error(str(error))
+
+    planned = sweep.plan(config)
+    print(
+        f"{'resuming' if args.resume else 'running'} {config.name}: {len(planned['groups'])} fit group(s) "
+        f"({', '.join(planned['groups'])}) × {planned['sample_sizes']} sample sizes × {planned['replicates']} replicates "
+        f"= {planned['fits']} fits; {planned['fit_programs'] + planned['score_programs']} programs to compile "
+        f"(buckets {planned['buckets']}) on {jax.devices()[0].device_kind}",
+        flush=True,
+    )
+    print(f"results: {run_dir}", flush=True)
+    try:
+        meta = sweep.run_study(config, run_dir, progress=not args.no_progress, command=args.command_line)
+    except storage.RunFolderError as error:
+        return _error(str(error))
+
+    session = meta["sessions"][-1]
+    print(
+        f"\ndone in {session['wall_seconds']:.0f} s (sweep; {session['compile_seconds']:.0f} s compiling "
+        f"{session['compile_count']} program(s), {session['cells_computed']} cell(s) computed, "
+        f"{session['cells_already_stored']} already stored) + {session['tables_and_figures_seconds']:.0f} s tables and figures"
+    )
+    print(f"\n{run_dir}/")
+    for name, what in (
+        (storage.CONFIG_FILE, "resolved config"),
+        (storage.META_FILE, "versions, device, timings, compile counts"),
+        (storage.TABLE_FILE, "one row per fit"),
+        (storage.SUMMARY_FILE, "per (group, n, metric) statistics"),
+        (storage.RATES_FILE, "fitted slopes, CIs, theory, verdicts"),
+        (storage.FIGURES_DIR + "/", ", ".join(sorted(p.name for p in (run_dir / storage.FIGURES_DIR).glob("*.png")))),
+        (storage.REPORT_FILE, "the report"),
+    ):
+        print(f"  {name:<14} {what}")
+    _print_rates(run_dir)
+    return 0
+
+
+def _print_rates(run_dir: Path) -> None:
+    import pandas as pd
+
+    from . import report, storage
+
+    rates = pd.read_csv(run_dir / storage.RATES_FILE, keep_default_na=False, na_values=[""])
+    if rates.empty:
+        return
+    for column in ("label", "theory_rate", "verdict"):
+        rates[column] = rates[column].fillna("").astype(str)
+    main = rates[~rates["metric"].str.startswith(("err_", "mass_err_"))]
+    shown = report.rates_for_display(main if len(main) else rates)
+    with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.2f}".format):
+        print("\nrates (log-log slope of the per-n %s):" % rates["statistic"].iloc[0])
+        print(shown.to_string(index=False))
+    if len(main) < len(rates):
+        print(f"(+ {len(rates) - len(main)} per-parameter rates in {run_dir / storage.RATES_FILE})")
+
+
+def _plot_command(args: argparse.Namespace) -> int:
+    from . import plotting, storage
+
+    try:
+        paths = plotting.make_figures(args.run_dir)
+    except storage.RunFolderError as error:
+        return _error(str(error))
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    from . import report, storage
+
+    try:
+        report.write_tables(args.run_dir)
+        path = report.write_report(args.run_dir)
+    except storage.RunFolderError as error:
+        return _error(str(error))
+    run_dir = Path(args.run_dir)
+    for name in (storage.SUMMARY_FILE, storage.RATES_FILE):
+        print(run_dir / name)
+    print(path)
+    _print_rates(run_dir)
+    return 0
+
+
+def config_folders() -> list[Path]:
+    """Where ``list`` looks for configs: ./configs and the configs/ next to the package's source tree."""
+    candidates = [Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs"]
+    unique = []
+    for folder in candidates:
+        if folder.is_dir() and folder.resolve() not in [u.resolve() for u in unique]:
+            unique.append(folder)
+    return unique
+
+
+def _list_command(args: argparse.Namespace) -> int:
+    if args.rates:
+        import pandas as pd
+
+        from .rates import list_theoretical_rates
+
+        registry = list_theoretical_rates()
+        registry["paper"] = registry["citation"].str.extract(r"^\[(\d+)\]", expand=False).fillna("")
+        with pd.option_context("display.width", 200, "display.max_colwidth", 40):
+            print(registry[["family", "setting", "quantity", "rate", "paper"]].to_string(index=False))
+        print("\npapers: numbering of THEORY.md §6 (moe_theory.rates.PAPERS); use these keys in a config's rates section")
+        return 0
+    import yaml
+
+    folders = config_folders()
+    if not folders:
+        return _error("no configs/ folder found here or next to the package")
+    for folder in folders:
+        print(f"{folder}:")
+        for path in sorted(folder.glob("*.yaml")):
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+                description = data.get("description", "") if isinstance(data, dict) else ""
+            except yaml.YAMLError:
+                description = "(not valid YAML)"
+            print(f"  {path.name:<24} {str(description).strip()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-theory", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run_parser = commands.add_parser("run", help="run a rate study from a YAML config")
+    run_parser.add_argument("config", nargs="?", help="the study's YAML config (see `moe-theory list`)")
+    run_parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                            help="override one config key, value parsed as YAML (repeatable), e.g. --set replicates=10")
+    run_parser.add_argument("--out", default="results",
+                            help="results root; the run goes to OUT/<name>/<run_id>/ (default results)")
+    run_parser.add_argument("--resume", metavar="RUN_DIR", help="complete an interrupted run in its folder")
+    run_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run_parser.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache folder")
+    run_parser.add_argument("--no-compile-cache", action="store_true", help="do not use a persistent compilation cache")
+    run_parser.set_defaults(handler=_run_command)
+
+    plot_parser = commands.add_parser("plot", help="redraw a run's figures from its results table")
+    plot_parser.add_argument("run_dir")
+    plot_parser.set_defaults(handler=_plot_command)
+
+    report_parser = commands.add_parser("report", help="rewrite a run's summary, rates and report.md")
+    report_parser.add_argument("run_dir")
+    report_parser.set_defaults(handler=_report_command)
+
+    list_parser = commands.add_parser("list", help="list the shipped configs (or --rates: the theoretical rates)")
+    list_parser.add_argument("--rates", action="store_true", help="list the theoretical-rate registry")
+    list_parser.set_defaults(handler=_list_command)
+
+    fit_parser = commands.add_parser("fit", help="fit a mixture of experts to a CSV of x1..xd, y")
+    fit_parser.add_argument("--data", required=True, help="CSV file with columns x1..xd and y")
+    fit_parser.add_argument("--gate", default="softmax", help="gate preset name or a JSON dict (default softmax)")
+    fit_parser.add_argument("--expert", default="gaussian", help="expert name or a JSON dict (default gaussian)")
+    fit_parser.add_argument("--num-experts", "-k", type=int, required=True, help="number of experts k")
+    fit_parser.add_argument("--num-classes", type=int, default=None, help="classes C for multinomial-logistic experts")
+    fit_parser.add_argument("--method", choices=("em", "mle"), default="em")
+    fit_parser.add_argument("--n-init", type=int, default=5, help="random starts; the best is kept (default 5)")
+    fit_parser.add_argument("--tol", type=float, default=1e-6, help="relative log-likelihood tolerance")
+    fit_parser.add_argument("--max-iter", type=int, default=2000)
+    fit_parser.add_argument("--gate-steps", type=int, default=1, help="gate Newton steps per EM iteration")
+    fit_parser.add_argument("--seed", type=int, default=0)
+    fit_parser.add_argument("--out", help="write the JSON here instead of printing it")
+    fit_parser.set_defaults(handler=_fit_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["moe-theory", *argv])  # recorded in a run's meta.json
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,955 @@
+"""Study configs: YAML files that describe a rate study, validated into frozen dataclasses.
+
+A config names a true model, an input distribution, the sample sizes, the number of replicates,
+how to fit (the fitted k and the estimator) and what to measure. :func:`load_config` reads one,
+applies ``--set key.path=value`` overrides, fills in defaults and checks everything before any
+work starts. Every error is a :class:`ConfigError` whose message names the file, the line where
+the YAML has one, the key path (``model.params.expert.nu``) and what was expected, e.g.::
+
+    configs/quickstart.yaml:17: model.params.expert.nu: expected shape (2,) (k), got (3,) ...
+
+Conventions
+-----------
+* **Unknown keys are errors**, in every section; so are duplicated keys in the YAML.
+* **Grid axes.** ``fit.num_experts``, ``fit.method``, ``fit.init``, ``fit.n_init`` and
+  ``fit.gate_steps`` accept a value or a list; the lists expand to the Cartesian product of
+  *fit groups* (:class:`FitGroup`). Every group is fitted at every sample size, for every replicate.
+* **Sample sizes** are an explicit list of numbers, a spec ``{linspace: [start, stop, num]}`` or
+  ``{geomspace: [start, stop, num]}`` (NumPy's meaning, endpoints included), or a list mixing
+  both, concatenated in order (paper 1 uses ``[{linspace: [100, 900, 5]}, {linspace: [1000, 1e5,
+  195]}]``). Each value is rounded to the nearest integer, halves rounded up; repeated integers
+  are kept once; the result is sorted ascending. Each n must be ≥ 2.
+* **Numbers.** PyYAML reads ``1e-6`` (no dot) as a string; any field that expects a number accepts
+  such strings. An integer field accepts an integral float (``1e5``).
+* **Validation of the model** uses :func:`moe_theory.model_from_dict`, whose messages name the
+  parameter; they are re-rooted under ``model.`` here. Every fitted k must be ≥ k*.
+* **Metrics.** Losses are named Voronoi losses (THEORY.md §4, :mod:`moe_theory.losses`):
+  ``D1`` (exact-fitted, every exponent 1, only for groups with k = k*), ``D2`` (over-fitted, the
+  family's default exponent table), or a custom name with ``exponents:`` naming a table of
+  :data:`moe_theory.losses.EXPONENT_TABLES`. Each loss can be computed under several translations
+  (``infimum``, ``mass``, ``none``); the column for ``metrics.translation`` (default ``infimum``) is
+  the loss's plain name (``D2``), any other translation gets a suffix (``D2_none``).
+* **Per-parameter errors** (``metrics.parameter_errors``) are measured at the ``mass``
+  translation by default, whatever the losses use: t₁ = 0 keeps the gate slopes in the canonical
+  frame (reference expert at 0) in which they are identified, and t₀ matches the total mass so that
+  over-fitted cell masses are comparable. The ``infimum`` translation is a poor frame for them: its
+  t₁ minimises a weighted sum of slope norms, whose minimiser puts one fitted slope exactly on a
+  true one, so all the slope error lands on the other atoms (and zero errors cannot be fitted on a
+  log scale).
+* **Theory.** ``rates.theory`` names a family of :func:`moe_theory.rates.theoretical_rate`'s
+  registry; ``rates.compare`` pins explicit (setting, quantity) keys for given metrics.
+
+The resolved config (:meth:`StudyConfig.to_dict`) has every default filled in and the sample sizes
+expanded; loading it again gives an equal config, which is how ``--resume`` checks that a run is
+continued with the settings it started with.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import itertools
+import json
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import yaml
+
+from .experts import GaussianLinear
+from .gates import GATES, Gate
+from .init import NearTruthNoise
+from .losses import EXPONENT_TABLES, TRANSLATIONS, atom_spec
+from .models import Family, model_from_dict
+from .params import MoEParams, ParameterError
+from .rates import UnknownTheoreticalRateError, list_theoretical_rates, theoretical_rate
+from .sampling import GridInputs, InputDistribution, make_inputs
+
+__all__ = [
+    "ConfigError",
+    "DensitySpec",
+    "FitGroup",
+    "FitSettings",
+    "LossSpec",
+    "MetricsConfig",
+    "RatesConfig",
+    "StudyConfig",
+    "SweepSettings",
+    "TheoryComparison",
+    "apply_overrides",
+    "expand_sample_sizes",
+    "load_config",
+    "parse_config",
+]
+
+GRID_AXES = ("num_experts", "method", "init", "n_init", "gate_steps")
+"""Keys of ``fit`` that may be lists; their product is the set of fit groups."""
+
+METHODS = ("em", "mle")
+INITS = ("near_truth", "random")
+DTYPES = ("float64", "float32")
+DISTANCES = ("hellinger", "tv")
+STATISTICS = ("mean", "median")
+PARAMETER_TRANSLATION = "mass"
+"""Default translation of per-parameter errors (see the module docstring)."""
+BUILTIN_LOSSES = {"D1": "first_order", "D2": None}
+"""Built-in loss names and their exponent table (None: the family's default over-fitted table)."""
+
+_RESERVED_COLUMNS = frozenset(DISTANCES + GRID_AXES + ("group", "n", "replicate", "bucket", "converged", "finite"))
+"""Names a custom loss cannot take, because the results table already has such a column."""
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(ValueError):
+    """A config is invalid. The message names the file, line, key path and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading YAML with the line of every key.
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map every key path in a YAML document to its 1-based line; raise on duplicated keys."""
+    lines: dict[str, int] = {}
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                child = f"{path}.{key}" if path else key
+                if key in seen:
+                    raise ConfigError(f"line {key_node.start_mark.line + 1}: {child}: duplicated key")
+                seen.add(key)
+                lines[child] = key_node.start_mark.line + 1
+                walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                child = f"{path}[{index}]"
+                lines[child] = item.start_mark.line + 1
+                walk(item, child)
+
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+class _Context:
+    """Where a config came from, to put file, line and override into every error message."""
+
+    def __init__(self, source: str, lines: Mapping[str, int] | None = None, overridden: Sequence[str] = ()):
+        self.source = source
+        self.lines = dict(lines or {})
+        self.overridden = tuple(overridden)
+
+    def error(self, path: str, message: str) -> ConfigError:
+        """An error about the value at ``path``, e.g. ``file.yaml:12: fit.tol: expected a number``."""
+        return self.error_text(path, f"{path or '<top level>'}: {message}")
+
+    def error_text(self, path: str, text: str) -> ConfigError:
+        """An error whose text already names the key; ``path`` only locates the line."""
+        for override in self.overridden:
+            if path == override or path.startswith((override + ".", override + "[")):
+                return ConfigError(f"{self.source} (set by --set {override}): {text}")
+        probe = path
+        while probe and probe not in self.lines:
+            probe = _parent_path(probe)
+        line = f":{self.lines[probe]}" if probe else ""
+        return ConfigError(f"{self.source}{line}: {text}")
+
+
+def _parent_path(path: str) -> str:
+    """``a.b[2]`` -> ``a.b`` -> ``a`` -> ``''``."""
+    match = re.search(r"(\.[^.\[]+|\[\d+\])$", path)
+    return path[: match.start()] if match else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Typed getters.
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _mapping(ctx: _Context, value: Any, path: str) -> dict:
+    if not isinstance(value, Mapping):
+        raise ctx.error(path, f"expected a mapping of keys to values, got {_describe(value)}")
+    return dict(value)
+
+
+def _check_keys(ctx: _Context, mapping: Mapping, path: str, allowed: Sequence[str], required: Sequence[str] = ()) -> None:
+    for key in mapping:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else str(key)
+            raise ctx.error(where, f"unknown key; expected one of {sorted(allowed)}")
+    for key in required:
+        if key not in mapping:
+            where = f"{path}.{key}" if path else key
+            raise ctx.error(where, "missing required key")
+
+
+def _number(ctx: _Context, value: Any, path: str) -> float:
+    if isinstance(value, bool):
+        raise ctx.error(path, f"expected a number, got {_describe(value)}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)  # PyYAML reads "1e-6" as a string
+        except ValueError:
+            pass
+    raise ctx.error(path, f"expected a number, got {_describe(value)}")
+
+
+def _float(ctx: _Context, value: Any, path: str, minimum: float | None = None, strict: bool = False) -> float:
+    number = _number(ctx, value, path)
+    if not math.isfinite(number):
+        raise ctx.error(path, f"expected a finite number, got {value!r}")
+    if minimum is not None and (number < minimum or (strict and number == minimum)):
+        raise ctx.error(path, f"expected a number {'>' if strict else '≥'} {minimum:g}, got {value!r}")
+    return number
+
+
+def _int(ctx: _Context, value: Any, path: str, minimum: int | None = None) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value  # exact, however large (a float would round seeds beyond 2^53)
+    else:
+        real = _number(ctx, value, path)
+        if not math.isfinite(real) or real != int(real):
+            raise ctx.error(path, f"expected an integer, got {_describe(value)}")
+        number = int(real)
+    if minimum is not None and number < minimum:
+        raise ctx.error(path, f"expected an integer ≥ {minimum}, got {value!r}")
+    return number
+
+
+def _bool(ctx: _Context, value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ctx.error(path, f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _choice(ctx: _Context, value: Any, path: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ctx.error(path, f"expected one of {list(choices)}, got {_describe(value)}")
+    return value
+
+
+def _one_or_many(ctx: _Context, value: Any, path: str, parse: Callable[[Any, str], Any]) -> tuple:
+    """A scalar or a non-empty list of distinct values, each parsed by ``parse(value, path)``."""
+    if isinstance(value, list):
+        if not value:
+            raise ctx.error(path, "expected a value or a non-empty list, got []")
+        parsed = tuple(parse(item, f"{path}[{i}]") for i, item in enumerate(value))
+        if len(set(parsed)) != len(parsed):
+            raise ctx.error(path, f"expected distinct values, got {value!r}")
+        return parsed
+    return (parse(value, path),)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample sizes.
+
+
+def expand_sample_sizes(spec: Any, ctx: _Context | None = None, path: str = "sample_sizes") -> tuple[int, ...]:
+    """Expand a sample-size spec (see the module docstring) into sorted distinct integers ≥ 2."""
+    ctx = ctx or _Context("<sample_sizes>")
+    values: list[float] = []
+
+    def expand_one(item: Any, where: str) -> None:
+        if isinstance(item, Mapping):
+            _check_keys(ctx, item, where, ("linspace", "geomspace"))
+            if len(item) != 1:
+                raise ctx.error(where, "expected exactly one of 'linspace' or 'geomspace'")
+            (kind, arguments), = item.items()
+            where = f"{where}.{kind}"
+            if not isinstance(arguments, list) or len(arguments) != 3:
+                raise ctx.error(where, f"expected [start, stop, num], got {_describe(arguments)}")
+            start = _float(ctx, arguments[0], f"{where}[0]", minimum=0, strict=kind == "geomspace")
+            stop = _float(ctx, arguments[1], f"{where}[1]", minimum=0, strict=kind == "geomspace")
+            num = _int(ctx, arguments[2], f"{where}[2]", minimum=1)
+            spaced = np.linspace(start, stop, num) if kind == "linspace" else np.geomspace(start, stop, num)
+            values.extend(float(v) for v in spaced)
+        else:
+            values.append(_float(ctx, item, where, minimum=0))
+
+    if isinstance(spec, list):
+        if not spec:
+            raise ctx.error(path, "expected at least one sample size")
+        for index, item in enumerate(spec):
+            expand_one(item, f"{path}[{index}]")
+    else:
+        expand_one(spec, path)
+    rounded = [int(math.floor(v + 0.5)) for v in values]
+    small = [n for n in rounded if n < 2]
+    if small:
+        raise ctx.error(path, f"expected sample sizes ≥ 2 after rounding, got {small[:5]}")
+    return tuple(sorted(dict.fromkeys(rounded)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataclasses.
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One Voronoi loss. ``exponents`` is a table name (None: the family's over-fitted default)."""
+
+    name: str
+    exponents: str | None
+    translations: tuple[str, ...]
+    exact_only: bool
+
+    def columns(self, default_translation: str) -> tuple[tuple[str, str], ...]:
+        """(column name, translation) pairs; the default translation gets the plain name."""
+        return tuple(
+            (self.name if translation == default_translation else f"{self.name}_{translation}", translation)
+            for translation in self.translations
+        )
+
+
+@dataclass(frozen=True)
+class DensitySpec:
+    """Density distances E_x[H], E_x[TV] of :func:`moe_theory.losses.density_distances`."""
+
+    distances: tuple[str, ...] = DISTANCES
+    num_inputs: int = 200
+    grid_size: int = 16
+    num_quadrature: int = 6
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    losses: tuple[LossSpec, ...]
+    translation: str
+    parameter_errors: bool
+    parameter_translation: str
+    density: DensitySpec | None
+
+    def loss_columns(self, exact: bool) -> tuple[tuple[LossSpec, str, str], ...]:
+        """(loss, column, translation) of every loss that applies to a group (``exact``: k = k*)."""
+        return tuple(
+            (loss, column, translation)
+            for loss in self.losses
+            if exact or not loss.exact_only
+            for column, translation in loss.columns(self.translation)
+        )
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Estimator settings shared by every fit group (the grid axes live in the groups)."""
+
+    num_experts: tuple[int, ...]
+    method: tuple[str, ...]
+    init: tuple[str, ...]
+    n_init: tuple[int, ...]
+    gate_steps: tuple[int, ...]
+    near_truth: NearTruthNoise
+    tol: float
+    max_iter: int
+    expert_steps: int
+    max_halvings: int
+    variance_floor: float
+    dtype: str
+
+
+@dataclass(frozen=True)
+class FitGroup:
+    """One point of the grid of fit settings.
+
+    ``group_id`` and ``init_id`` are stable 32-bit integers (CRC-32 of canonical JSON), used as
+    ``fold_in`` data: ``init_id`` depends only on what changes the starting points (k, init
+    protocol, n_init), so for example EM and MLE groups start from the same points.
+    """
+
+    index: int
+    num_experts: int
+    method: str
+    init: str
+    n_init: int
+    gate_steps: int
+    label: str
+
+    def axes(self) -> dict[str, Any]:
+        return {axis: getattr(self, axis) for axis in GRID_AXES}
+
+    @property
+    def group_id(self) -> int:
+        return zlib.crc32(json.dumps(self.axes(), sort_keys=True).encode())
+
+    @property
+    def init_id(self) -> int:
+        spec = {"num_experts": self.num_experts, "init": self.init, "n_init": self.n_init}
+        return zlib.crc32(json.dumps(spec, sort_keys=True).encode())
+
+
+@dataclass(frozen=True)
+class TheoryComparison:
+    """Compare ``metric`` (a column name or glob) with the registry entry (family, setting, quantity)."""
+
+    metric: str
+    num_experts: int | None
+    family: str
+    setting: str
+    quantity: str
+
+
+@dataclass(frozen=True)
+class RatesConfig:
+    theory: str | None
+    statistic: str
+    n_boot: int
+    ci: float
+    tolerance: float
+    min_n: int
+    metrics: tuple[str, ...] | None
+    compare: tuple[TheoryComparison, ...]
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Execution settings. ``batch_size`` replicates go through one program call; results are
+    bit-reproducible for a fixed ``batch_size``. ``bucket_growth`` is the ratio of the padded
+    sample-size ladder (1 = no padding, one program per n)."""
+
+    batch_size: int = 8
+    bucket_growth: float = 2.0
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    description: str
+    seed: int
+    model: dict = field(compare=False)
+    inputs_spec: Any = field(compare=False)
+    inputs: InputDistribution
+    sample_sizes: tuple[int, ...]
+    replicates: int
+    fit: FitSettings
+    metrics: MetricsConfig
+    rates: RatesConfig
+    sweep: SweepSettings
+    true_family: Family
+    truth: MoEParams = field(compare=False)
+    source: str = field(default="<dict>", compare=False)
+
+    @property
+    def num_true(self) -> int:
+        return self.true_family.num_experts
+
+    @property
+    def groups(self) -> tuple[FitGroup, ...]:
+        fit = self.fit
+        values = [getattr(fit, axis) for axis in GRID_AXES]
+        varying = [axis for axis, options in zip(GRID_AXES, values) if len(options) > 1]
+        groups = []
+        for index, combination in enumerate(itertools.product(*values)):
+            axes = dict(zip(GRID_AXES, combination))
+            shown = ["k=%d" % axes["num_experts"]] + [f"{a}={axes[a]}" for a in varying if a != "num_experts"]
+            groups.append(FitGroup(index=index, label=" · ".join(shown), **axes))
+        return tuple(groups)
+
+    def fitted_family(self, group: FitGroup) -> Family:
+        return dataclasses.replace(self.true_family, num_experts=group.num_experts)
+
+    def is_exact(self, group: FitGroup) -> bool:
+        return group.num_experts == self.num_true
+
+    def atom_blocks(self) -> tuple[str, ...]:
+        """Names of the atom blocks of the mixing measure (β₁, a, b, ν for the softmax Gaussian MoE)."""
+        return atom_spec(self.true_family).block_names
+
+    def shared_blocks(self) -> tuple[str, ...]:
+        """Parameters shared by all experts (τ), which get one error column each."""
+        return tuple(block.name for block in atom_spec(self.true_family).shared)
+
+    def metric_columns(self, group: FitGroup) -> list[str]:
+        """Table columns a convergence rate can be fitted to, for one group (see :mod:`moe_theory.sweep`)."""
+        columns = [column for _, column, _ in self.metrics.loss_columns(self.is_exact(group))]
+        if self.metrics.density is not None:
+            columns += list(self.metrics.density.distances)
+        if self.metrics.parameter_errors:
+            for atom in range(self.num_true):
+                columns += [f"err_{block}_atom{atom}" for block in self.atom_blocks()]
+                columns.append(f"mass_err_atom{atom}")
+            columns += [f"err_{block}" for block in self.shared_blocks()]
+        return columns
+
+    def to_dict(self) -> dict:
+        """The resolved config as plain YAML-able data (defaults filled, sample sizes expanded)."""
+        fit = self.fit
+
+        def axis(values: tuple) -> Any:
+            return list(values) if len(values) > 1 else values[0]
+
+        metrics = self.metrics
+        losses = []
+        for loss in metrics.losses:
+            entry: dict[str, Any] = {"name": loss.name, "translation": list(loss.translations)}
+            if loss.name not in BUILTIN_LOSSES:
+                entry["exponents"] = loss.exponents
+            losses.append(entry)
+        density = False if metrics.density is None else {
+            "distances": list(metrics.density.distances),
+            "num_inputs": metrics.density.num_inputs,
+            "grid_size": metrics.density.grid_size,
+            "num_quadrature": metrics.density.num_quadrature,
+        }
+        rates = self.rates
+        return {
+            "name": self.name,
+            "description": self.description,
+            "seed": self.seed,
+            "model": _plain(self.model),
+            "inputs": _plain(self.inputs_spec),
+            "sample_sizes": list(self.sample_sizes),
+            "replicates": self.replicates,
+            "fit": {
+                **{a: axis(getattr(fit, a)) for a in GRID_AXES},
+                "near_truth": dataclasses.asdict(fit.near_truth),
+                "tol": fit.tol,
+                "max_iter": fit.max_iter,
+                "expert_steps": fit.expert_steps,
+                "max_halvings": fit.max_halvings,
+                "variance_floor": fit.variance_floor,
+                "dtype": fit.dtype,
+            },
+            "metrics": {
+                "losses": losses,
+                "translation": metrics.translation,
+                "parameter_errors": (
+                    {"translation": metrics.parameter_translation} if metrics.parameter_errors else False
+                ),
+                "density": density,
+            },
+            "rates": {
+                "theory": rates.theory,
+                "statistic": rates.statistic,
+                "n_boot": rates.n_boot,
+                "ci": rates.ci,
+                "tolerance": rates.tolerance,
+                "min_n": rates.min_n,
+                "metrics": None if rates.metrics is None else list(rates.metrics),
+                "compare": [
+                    {"metric": c.metric, "num_experts": c.num_experts, "setting": c.setting, "quantity": c.quantity}
+                    for c in rates.compare
+                ],
+            },
+            "sweep": dataclasses.asdict(self.sweep),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100, allow_unicode=True)
+
+
+def _plain(value: Any) -> Any:
+    """Nested containers of YAML-safe scalars (NumPy numbers and tuples converted)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections.
+
+_TOP_KEYS = ("name", "description", "seed", "model", "inputs", "sample_sizes", "replicates", "fit", "metrics", "rates", "sweep")
+_FIT_KEYS = GRID_AXES + ("near_truth", "tol", "max_iter", "expert_steps", "max_halvings", "variance_floor", "dtype")
+
+
+_MODEL_ERROR_PATH = re.compile(r"^(?:model\.)?([A-Za-z_][A-Za-z0-9_.]*(?:\[\d+\])*)")
+
+
+def _parse_model(ctx: _Context, raw: Any, dtype: str) -> tuple[dict, Family, MoEParams]:
+    model = _mapping(ctx, raw, "model")
+    params = model.get("params")
+    if params is not None:
+        params = _mapping(ctx, params, "model.params")
+        for group in ("gate", "expert"):
+            if group in params:
+                _mapping(ctx, params[group], f"model.params.{group}")
+    try:
+        family, truth = model_from_dict(model, dtype=dtype)
+    except ParameterError as error:
+        # Messages name the field relative to the parameter dict ("expert.nu[1] = -0.1: ...").
+        message = str(error)
+        root = "model." if message.startswith("params") else "model.params."
+        match = _MODEL_ERROR_PATH.match(message)
+        raise ctx.error_text(root + (match.group(1) if match else ""), root + message) from None
+    except (ValueError, TypeError) as error:
+        # Messages name the field relative to the model ("gate.top_k: ...", "num_classes: ...").
+        message = str(error)
+        if message.startswith("model: "):
+            raise ctx.error_text("model", message) from None
+        message = message.removeprefix("model.")
+        match = _MODEL_ERROR_PATH.match(message)
+        raise ctx.error_text("model." + (match.group(1) if match else ""), "model." + message) from None
+    return model, family, truth
+
+
+def _parse_inputs(ctx: _Context, raw: Any, family: Family, truth: MoEParams) -> InputDistribution:
+    try:
+        inputs = make_inputs(raw)
+    except (ValueError, TypeError) as error:
+        raise ctx.error_text("inputs", _inputs_message(error)) from None
+    if isinstance(inputs, GridInputs) and family.dim != 1:
+        raise ctx.error("inputs", f"the grid input distribution needs d = 1; the model has d = {family.dim}")
+    try:
+        # A two-point draw catches errors that only show with the model (e.g. from_gate without a
+        # Gaussian gate, or mixture means of the wrong dimension) before any compilation.
+        import jax
+
+        inputs.draw(jax.random.key(0), 2, family.dim, jax.tree_util.tree_leaves(truth)[0].dtype, truth)
+    except (ValueError, TypeError, KeyError) as error:
+        raise ctx.error_text("inputs", _inputs_message(error)) from None
+    return inputs
+
+
+def _inputs_message(error: Exception) -> str:
+    message = str(error)
+    return message if message.startswith("inputs") else f"inputs: {message}"
+
+
+def _parse_fit(ctx: _Context, raw: Any, num_true: int) -> FitSettings:
+    fit = _mapping(ctx, raw if raw is not None else {}, "fit")
+    _check_keys(ctx, fit, "fit", _FIT_KEYS, required=("num_experts",))
+
+    def k_value(value: Any, path: str) -> int:
+        k = _int(ctx, value, path, minimum=1)
+        if k < num_true:
+            raise ctx.error(path, f"the fitted k = {k} is smaller than the true k* = {num_true}; expected k ≥ {num_true}")
+        return k
+
+    noise_raw = _mapping(ctx, fit.get("near_truth", {}) or {}, "fit.near_truth")
+    noise_fields = [f.name for f in dataclasses.fields(NearTruthNoise)]
+    _check_keys(ctx, noise_raw, "fit.near_truth", noise_fields)
+    noise = NearTruthNoise(
+        **{name: _float(ctx, value, f"fit.near_truth.{name}", minimum=0) for name, value in noise_raw.items()}
+    )
+    return FitSettings(
+        num_experts=_one_or_many(ctx, fit["num_experts"], "fit.num_experts", k_value),
+        method=_one_or_many(ctx, fit.get("method", "em"), "fit.method", lambda v, p: _choice(ctx, v, p, METHODS)),
+        init=_one_or_many(ctx, fit.get("init", "near_truth"), "fit.init", lambda v, p: _choice(ctx, v, p, INITS)),
+        n_init=_one_or_many(ctx, fit.get("n_init", 1), "fit.n_init", lambda v, p: _int(ctx, v, p, minimum=1)),
+        gate_steps=_one_or_many(ctx, fit.get("gate_steps", 1), "fit.gate_steps", lambda v, p: _int(ctx, v, p, minimum=0)),
+        near_truth=noise,
+        tol=_float(ctx, fit.get("tol", 1e-6), "fit.tol", minimum=0),
+        max_iter=_int(ctx, fit.get("max_iter", 2000), "fit.max_iter", minimum=1),
+        expert_steps=_int(ctx, fit.get("expert_steps", 1), "fit.expert_steps", minimum=0),
+        max_halvings=_int(ctx, fit.get("max_halvings", 20), "fit.max_halvings", minimum=0),
+        variance_floor=_float(ctx, fit.get("variance_floor", 0.0), "fit.variance_floor", minimum=0),
+        dtype=_choice(ctx, fit.get("dtype", "float64"), "fit.dtype", DTYPES),
+    )
+
+
+def _parse_translations(ctx: _Context, value: Any, path: str) -> tuple[str, ...]:
+    return _one_or_many(ctx, value, path, lambda v, p: _choice(ctx, v, p, TRANSLATIONS))
+
+
+def _parse_metrics(ctx: _Context, raw: Any, fit: FitSettings, num_true: int) -> MetricsConfig:
+    metrics = _mapping(ctx, raw if raw is not None else {}, "metrics")
+    _check_keys(ctx, metrics, "metrics", ("losses", "translation", "parameter_errors", "density"))
+    default_translation = _choice(ctx, metrics.get("translation", "infimum"), "metrics.translation", TRANSLATIONS)
+    losses_raw = metrics.get("losses", ["D1", "D2"] if num_true in fit.num_experts else ["D2"])
+    if not isinstance(losses_raw, list):
+        losses_raw = [losses_raw]
+    losses: list[LossSpec] = []
+    for index, entry in enumerate(losses_raw):
+        path = f"metrics.losses[{index}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        entry = _mapping(ctx, entry, path)
+        _check_keys(ctx, entry, path, ("name", "translation", "exponents"), required=("name",))
+        name = entry["name"]
+        if not isinstance(name, str) or not re.match(r"^[A-Za-z][A-Za-z0-9]*$", name):
+            raise ctx.error(
+                f"{path}.name", f"expected a loss name made of letters and digits (D1, D2, ...), got {_describe(name)}"
+            )
+        if name in _RESERVED_COLUMNS:
+            raise ctx.error(f"{path}.name", f"{name!r} is a column of the results table already; choose another name")
+        if name in BUILTIN_LOSSES:
+            if "exponents" in entry:
+                raise ctx.error(f"{path}.exponents", f"{name} has fixed exponents; give a custom loss name to choose a table")
+            exponents = BUILTIN_LOSSES[name]
+        else:
+            if "exponents" not in entry:
+                raise ctx.error(
+                    f"{path}.exponents",
+                    f"missing: a custom loss {name!r} needs an exponent table, one of {sorted(EXPONENT_TABLES)} "
+                    "(or use D1 / D2)",
+                )
+            exponents = _choice(ctx, entry["exponents"], f"{path}.exponents", sorted(EXPONENT_TABLES))
+        translations = _parse_translations(ctx, entry.get("translation", default_translation), f"{path}.translation")
+        exact_only = name == "D1"
+        if exact_only and num_true not in fit.num_experts:
+            raise ctx.error(
+                path,
+                f"D1 (the exact-fitted loss) needs a fitted k equal to k* = {num_true}; fit.num_experts is "
+                f"{list(fit.num_experts)} (use D2 for over-fitted k)",
+            )
+        losses.append(LossSpec(name, exponents, translations, exact_only))
+    if len({loss.name for loss in losses}) != len(losses):
+        raise ctx.error("metrics.losses", "expected distinct loss names")
+
+    parameter_raw = metrics.get("parameter_errors", True)
+    parameter_translation = PARAMETER_TRANSLATION
+    if isinstance(parameter_raw, Mapping):
+        _check_keys(ctx, parameter_raw, "metrics.parameter_errors", ("translation",))
+        parameter_translation = _choice(
+            ctx, parameter_raw.get("translation", PARAMETER_TRANSLATION), "metrics.parameter_errors.translation",
+            TRANSLATIONS,
+        )
+        parameter_errors = True
+    else:
+        parameter_errors = _bool(ctx, parameter_raw, "metrics.parameter_errors")
+
+    density_raw = metrics.get("density", False)
+    density = None
+    if density_raw is True:
+        density = DensitySpec()
+    elif isinstance(density_raw, Mapping):
+        path = "metrics.density"
+        _check_keys(ctx, density_raw, path, ("distances", "num_inputs", "grid_size", "num_quadrature"))
+        density = DensitySpec(
+            distances=_one_or_many(ctx, density_raw.get("distances", list(DISTANCES)), f"{path}.distances",
+                                   lambda v, p: _choice(ctx, v, p, DISTANCES)),
+            num_inputs=_int(ctx, density_raw.get("num_inputs", 200), f"{path}.num_inputs", minimum=1),
+            grid_size=_int(ctx, density_raw.get("grid_size", 16), f"{path}.grid_size", minimum=2),
+            num_quadrature=_int(ctx, density_raw.get("num_quadrature", 6), f"{path}.num_quadrature", minimum=1),
+        )
+    elif density_raw is not False and density_raw is not None:
+        raise ctx.error("metrics.density", f"expected true, false or a mapping, got {_describe(density_raw)}")
+    return MetricsConfig(tuple(losses), default_translation, parameter_errors, parameter_translation, density)
+
+
+def infer_theory_family(family: Family) -> str | None:
+    """The registry family of :mod:`moe_theory.rates` that matches a model, or None."""
+    if isinstance(family.expert, GaussianLinear):
+        for preset, registry_name in (
+            ("softmax", "softmax_gaussian"),
+            ("gaussian", "gaussian_gated_gaussian"),
+            ("temperature_softmax", "temperature_softmax_gaussian"),
+            ("activation_temperature_softmax", "activation_temperature_softmax_gaussian"),
+        ):
+            if family.gate == GATES[preset]:
+                return registry_name
+        if family.gate == Gate(top_k=family.gate.top_k) and family.gate.top_k is not None:
+            return "topk_softmax_gaussian"
+    return None
+
+
+def _parse_rates(ctx: _Context, raw: Any, family: Family) -> RatesConfig:
+    rates = _mapping(ctx, raw if raw is not None else {}, "rates")
+    keys = ("theory", "statistic", "n_boot", "ci", "tolerance", "min_n", "metrics", "compare")
+    _check_keys(ctx, rates, "rates", keys)
+    registry_families = sorted(set(list_theoretical_rates()["family"]))
+    theory = rates.get("theory", "auto")
+    if theory == "auto":
+        theory = infer_theory_family(family)
+    elif theory is not None:
+        theory = _choice(ctx, theory, "rates.theory", registry_families + ["auto"])
+    metrics_raw = rates.get("metrics")
+    metrics = None
+    if metrics_raw is not None:
+        metrics = _one_or_many(ctx, metrics_raw, "rates.metrics", lambda v, p: _name(ctx, v, p))
+    compare = []
+    for index, entry in enumerate(rates.get("compare", []) or []):
+        path = f"rates.compare[{index}]"
+        entry = _mapping(ctx, entry, path)
+        _check_keys(ctx, entry, path, ("metric", "num_experts", "family", "setting", "quantity"),
+                    required=("metric", "setting", "quantity"))
+        comparison_family = entry.get("family", theory)
+        if comparison_family is None:
+            raise ctx.error(f"{path}.family", "missing: rates.theory is null, so name the registry family here")
+        try:
+            theoretical_rate(comparison_family, entry["setting"], entry["quantity"])
+        except UnknownTheoreticalRateError:
+            raise ctx.error(
+                path,
+                f"({comparison_family!r}, {entry['setting']!r}, {entry['quantity']!r}) is not in the theoretical-rate "
+                "registry; see `moe-theory list --rates`",
+            ) from None
+        num_experts = entry.get("num_experts")
+        compare.append(TheoryComparison(
+            metric=_name(ctx, entry["metric"], f"{path}.metric"),
+            num_experts=None if num_experts is None else _int(ctx, num_experts, f"{path}.num_experts", minimum=1),
+            family=comparison_family,
+            setting=entry["setting"],
+            quantity=entry["quantity"],
+        ))
+    return RatesConfig(
+        theory=theory,
+        statistic=_choice(ctx, rates.get("statistic", "mean"), "rates.statistic", STATISTICS),
+        n_boot=_int(ctx, rates.get("n_boot", 1000), "rates.n_boot", minimum=1),
+        ci=_probability(ctx, rates.get("ci", 0.95), "rates.ci"),
+        tolerance=_float(ctx, rates.get("tolerance", 0.1), "rates.tolerance", minimum=0),
+        min_n=_int(ctx, rates.get("min_n", 0) or 0, "rates.min_n", minimum=0),
+        metrics=metrics,
+        compare=tuple(compare),
+    )
+
+
+def _probability(ctx: _Context, value: Any, path: str) -> float:
+    number = _float(ctx, value, path)
+    if not 0 < number < 1:
+        raise ctx.error(path, f"expected a level strictly between 0 and 1, got {value!r}")
+    return number
+
+
+def _name(ctx: _Context, value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ctx.error(path, f"expected a column name or glob pattern, got {_describe(value)}")
+    return value
+
+
+def parse_config(data: Any, source: str = "<dict>", lines: Mapping[str, int] | None = None,
+                 overridden: Sequence[str] = ()) -> StudyConfig:
+    """Validate parsed YAML data into a :class:`StudyConfig` (see the module docstring)."""
+    ctx = _Context(source, lines, overridden)
+    top = _mapping(ctx, data, "")
+    _check_keys(ctx, top, "", _TOP_KEYS, required=("name", "model", "sample_sizes", "replicates", "fit"))
+    name = top["name"]
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise ctx.error("name", f"expected a folder-safe name (letters, digits, '_', '-', '.'), got {_describe(name)}")
+    description = top.get("description", "") or ""
+    if not isinstance(description, str):
+        raise ctx.error("description", f"expected a one-line string, got {_describe(description)}")
+    seed = _int(ctx, top.get("seed", 0), "seed", minimum=0)
+
+    fit_raw = top.get("fit")
+    dtype = "float64"
+    if isinstance(fit_raw, Mapping) and "dtype" in fit_raw:
+        dtype = _choice(ctx, fit_raw["dtype"], "fit.dtype", DTYPES)
+    model, family, truth = _parse_model(ctx, top["model"], dtype)
+    inputs_spec = top.get("inputs", "uniform")
+    inputs = _parse_inputs(ctx, inputs_spec, family, truth)
+    sample_sizes = expand_sample_sizes(top["sample_sizes"], ctx)
+    replicates = _int(ctx, top["replicates"], "replicates", minimum=1)
+    fit = _parse_fit(ctx, fit_raw, family.num_experts)
+    metrics = _parse_metrics(ctx, top.get("metrics"), fit, family.num_experts)
+    rates = _parse_rates(ctx, top.get("rates"), family)
+
+    sweep_raw = _mapping(ctx, top.get("sweep", {}) or {}, "sweep")
+    _check_keys(ctx, sweep_raw, "sweep", ("batch_size", "bucket_growth"))
+    sweep = SweepSettings(
+        batch_size=_int(ctx, sweep_raw.get("batch_size", 8), "sweep.batch_size", minimum=1),
+        bucket_growth=_float(ctx, sweep_raw.get("bucket_growth", 2.0), "sweep.bucket_growth", minimum=1),
+    )
+    config = StudyConfig(
+        name=name,
+        description=description.strip(),
+        seed=seed,
+        model=model,
+        inputs_spec=inputs_spec,
+        inputs=inputs,
+        sample_sizes=sample_sizes,
+        replicates=replicates,
+        fit=fit,
+        metrics=metrics,
+        rates=rates,
+        sweep=sweep,
+        true_family=family,
+        truth=truth,
+        source=source,
+    )
+    if rates.metrics is not None:
+        columns = sorted({column for group in config.groups for column in config.metric_columns(group)})
+        for index, pattern in enumerate(rates.metrics):
+            if not select_columns([pattern], columns):
+                path = "rates.metrics" + (f"[{index}]" if isinstance(top["rates"].get("metrics"), list) else "")
+                raise ctx.error(path, f"{pattern!r} matches no metric column; the columns are {columns}")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides and files.
+
+
+def _split_path(path: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for piece in path.split("."):
+        match = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", piece)
+        if not match:
+            raise ConfigError(f"--set {path}: expected a dotted key path like fit.tol or metrics.losses[0].name")
+        parts.append(match.group(1))
+        parts.extend(int(i) for i in re.findall(r"\[(\d+)\]", match.group(2)))
+    return parts
+
+
+def apply_overrides(data: Any, overrides: Sequence[str]) -> tuple[dict, list[str]]:
+    """Apply ``key.path=value`` overrides (value parsed as YAML) to a copy of ``data``.
+
+    Returns the new data and the overridden key paths (for error messages). Intermediate mappings
+    are created as needed; list items are addressed as ``key[index]``.
+    """
+    data = copy.deepcopy(data) if data is not None else {}
+    paths = []
+    for override in overrides:
+        path, equals, text = override.partition("=")
+        path = path.strip()
+        if not equals or not path:
+            raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. fit.tol=1e-8")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {override!r}: the value is not valid YAML ({error})") from None
+        parts = _split_path(path)
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            where = path if depth == len(parts) - 2 else ".".join(str(p) for p in parts[: depth + 1])
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    raise ConfigError(f"--set {override!r}: {where} has no item {part}")
+                node = node[part]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {override!r}: cannot set a key inside a non-mapping at {where}")
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+        last = parts[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or last >= len(node):
+                raise ConfigError(f"--set {override!r}: there is no list item {last} to replace")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: cannot set a key inside a non-mapping")
+        node[last] = value
+        paths.append(re.sub(r"\.(\d+)", r"[\1]", ".".join(str(p) for p in parts)).replace(".[", "["))
+    return data, paths
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:
+    """Read, override and validate a YAML config. Raises :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text()
+    try:
+        lines = _key_lines(text)
+        data = yaml.safe_load(text)
+    except ConfigError as error:
+        raise ConfigError(f"{path}:{str(error).removeprefix('line ')}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    data, overridden = apply_overrides(data, overrides)
+    return parse_config(data, str(path), lines, overridden)
+
+
+def select_columns(patterns: Sequence[str], columns: Sequence[str]) -> list[str]:
+    """The columns matching any of the glob ``patterns``, in column order."""
+    return [column for column in columns if any(fnmatch.fnmatchcase(column, p) for p in patterns)]

@@ -1,0 +1,590 @@
+"""The sweep engine: a study config becomes a grid of cells, each computed on device and stored at once.
+
+A **cell** is one fit group (fitted k and estimator settings, :class:`moe_theory.config.FitGroup`)
+at one sample size n. For every replicate r = 0..R−1 a cell draws a dataset from the true model,
+starts the fitter, fits, and scores the fit against the truth; the rows of the cell are written
+atomically (:func:`moe_theory.storage.write_part`) as soon as it finishes, so an interrupted run
+loses at most the cell in progress and ``--resume`` computes only the missing cells.
+
+Compiled programs
+-----------------
+Two jitted programs do all the work, both on device; only fitted parameters (a few numbers per
+replicate) and scores come back to the host:
+
+* the **fit program** (one per fit group × bucket size): sample → init → fit for a chunk of
+  ``sweep.batch_size`` replicates (``vmap`` over replicates and starts, via
+  :func:`moe_theory.fit.fit_batch`);
+* the **score program** (one per fit group): Voronoi losses, per-parameter errors and density
+  distances of the fitted parameters. It is separate because its shapes do not depend on n: fused
+  into the fit program it would be recompiled for every bucket, which costs more than the one
+  extra dispatch per chunk.
+
+**Buckets.** XLA compiles one program per array shape, so a sample of size n is padded to the
+bucket size N(n) = the smallest ⌈g^i⌉ ≥ n (g = ``sweep.bucket_growth``; g = 2 gives powers of two)
+with zero sample weights, which the fitters treat as absent (:func:`moe_theory.models.log_likelihood`).
+N depends on n alone, never on the other sizes of the sweep, so adding a size never changes another
+cell's program. A 200-size sweep over 10²..10⁵ compiles 11 fit programs per group with g = 2.
+
+**Exact-n data in a padded array.** The padded sample must *be* the size-n sample, not a size-N
+sample cut down: :func:`sample_padded` returns, in its first n rows, what
+``moe_theory.sample(key, family, truth, n, inputs)`` returns, with n traced (so one program serves
+every n of a bucket, and the sampling costs no compilation of its own). This holds because JAX's
+partitionable Threefry generator (the default since JAX 0.5, checked at run time) makes the random
+bits of row j independent of the array length, and every row of the sampler is computed from its
+own x_j and bits. The one input that depends on n itself, the grid x = linspace(low, high, n) of
+paper 1's code [1], is recomputed with ``jnp.linspace``'s arithmetic for a traced n. The equality is
+bit for bit for the random inputs and for the grid on [0, 1] (x_j = j/(n − 1) in both); on another
+interval the grid points can differ in the last bit, because XLA contracts a·(1 − t) + b·t into a
+fused multiply-add in some programs and not in others (two jitted copies of ``jnp.linspace`` can
+differ the same way). ``tests/test_sweep.py`` checks both statements. Sampling at the exact n in a
+small program per n would be the alternative; it costs one compilation per n (a second or more each
+on a CPU), which is what bucketing avoids.
+
+Keys
+----
+One root key ``jax.random.key(seed)``; every other key is a ``fold_in`` chain of stable integers,
+so no key depends on the order or number of cells:
+
+* data:    root → DATA_STREAM → n → replicate. The data do not depend on the fit group, so every
+  fitted k sees the same datasets (common random numbers make the exact-vs-over-fitted contrast
+  sharper);
+* init:    root → INIT_STREAM → init id (CRC-32 of k, init protocol, n_init) → n → replicate, then
+  split into n_init starts;
+* density: root → DENSITY_STREAM (the Monte Carlo x draws, shared by every cell).
+
+Adding a sample size or a replicate therefore leaves every existing row bit-identical, provided
+``sweep.batch_size`` and the device count are unchanged: replicates go through the fit program in
+chunks of that size, and a last partial chunk is filled with the next replicate ids (computed and
+discarded), so a row never depends on how many replicates there are.
+
+On a machine with several accelerators the replicate axis of each chunk is sharded across them
+(the chunk size is rounded up to a multiple of the device count).
+
+[1] Nguyen, Nguyen, Ho, NeurIPS 2023, arXiv 2305.03288.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from jax import monitoring
+
+from . import storage
+from .config import GRID_AXES, FitGroup, StudyConfig
+from .fit import EMConfig, fit_batch
+from .init import near_truth_init, random_init
+from .losses import density_distances, exact_fitted_loss, over_fitted_loss, parameter_errors, voronoi_loss
+from .models import Family, gate_log_weights
+from .params import MoEParams
+from .sampling import GridInputs, InputDistribution
+
+__all__ = ["DATA_STREAM", "INIT_STREAM", "DENSITY_STREAM", "bucket_size", "cell_name", "run_sweep", "sample_padded"]
+
+DATA_STREAM, INIT_STREAM, DENSITY_STREAM = 0, 1, 2
+"""First ``fold_in`` ids under the root key: the data, the starting points, the density x draws."""
+
+ID_COLUMNS = ("group",) + GRID_AXES + ("n", "replicate", "bucket")
+FIT_COLUMNS = ("log_likelihood", "n_iter", "converged", "finite")
+
+
+def bucket_size(n: int, growth: float) -> int:
+    """The padded size N(n): the smallest ⌈growth^i⌉ ≥ n, or n itself when growth = 1."""
+    if growth <= 1.0:
+        return int(n)
+    power = 0
+    while True:
+        # Rounding before the ceiling keeps exact powers (2^i) exact despite floating error.
+        size = math.ceil(round(growth**power, 9))
+        if size >= n:
+            return size
+        power += 1
+
+
+def cell_name(group: FitGroup, n: int) -> str:
+    """File-safe, stable name of a cell: the group id and n."""
+    return f"g{group.group_id:08x}-n{n}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling at an exact, traced n inside a padded array.
+
+
+def _padded_grid(inputs: GridInputs, n: jnp.ndarray, size: int, dtype) -> jnp.ndarray:
+    """linspace(low, high, n) in the first n of ``size`` rows, with ``jnp.linspace``'s arithmetic
+    (start·(1 − t) + stop·t with t = j/(n − 1), and the last point set to stop)."""
+    index = jax.lax.iota(dtype, size)
+    step = index / jnp.asarray(n - 1, dtype)
+    low, high = jnp.asarray(inputs.low, dtype), jnp.asarray(inputs.high, dtype)
+    grid = low * (1 - step) + high * step
+    return jnp.where(jnp.arange(size) == n - 1, high, grid)[:, None]
+
+
+def sample_padded(
+    key: jax.Array, family: Family, params: MoEParams, n: jnp.ndarray, size: int, inputs: InputDistribution
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """(x, y, weights) of ``size`` rows whose first n rows equal ``moe_theory.sample(key, family,
+    params, n, inputs)`` and whose weights are 1 there and 0 on the padding (see the module
+    docstring). ``n`` may be traced; ``size`` is static."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    # The same three streams, in the same order, as moe_theory.sampling.sample.
+    input_key, label_key, response_key = jax.random.split(key, 3)
+    if isinstance(inputs, GridInputs):
+        x = _padded_grid(inputs, n, size, dtype)
+    else:
+        x = inputs.draw(input_key, size, family.dim, dtype, params)
+    labels = jax.random.categorical(label_key, gate_log_weights(family, params, x), axis=-1).astype(jnp.int32)
+    y = family.expert.sample(response_key, params.expert, x, labels)
+    weights = (jnp.arange(size) < n).astype(dtype)
+    return x, y, weights
+
+
+# ----------------------------------------------------------------------------------------------
+# The two programs. Each builder returns (signature, function): the signature holds every static
+# choice the function closes over, so equal signatures mean interchangeable executables.
+
+
+def _em_config(config: StudyConfig, group: FitGroup) -> EMConfig:
+    fit = config.fit
+    return EMConfig(
+        max_iter=fit.max_iter,
+        gate_steps=group.gate_steps,
+        expert_steps=fit.expert_steps,
+        max_halvings=fit.max_halvings,
+        variance_floor=fit.variance_floor,
+    )
+
+
+def _fit_program(config: StudyConfig, group: FitGroup, size: int) -> tuple[tuple, Callable]:
+    true_family, family, inputs = config.true_family, config.fitted_family(group), config.inputs
+    em_config, noise = _em_config(config, group), config.fit.near_truth
+    num_starts, init_id = group.n_init, group.init_id
+
+    def program(root_key, replicates, n, tol, truth):
+        data_key = jax.random.fold_in(jax.random.fold_in(root_key, DATA_STREAM), n)
+        init_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(root_key, INIT_STREAM), init_id), n)
+
+        def prepare(replicate):
+            x, y, weights = sample_padded(jax.random.fold_in(data_key, replicate), true_family, truth, n, size, inputs)
+            start_keys = jax.random.split(jax.random.fold_in(init_key, replicate), num_starts)
+            if group.init == "near_truth":
+                starts = jax.vmap(lambda k: near_truth_init(k, family, true_family, truth, n, noise))(start_keys)
+            else:
+                starts = jax.vmap(lambda k: random_init(k, family, x, y, weights))(start_keys)
+            return x, y, weights, starts
+
+        x, y, weights, starts = jax.vmap(prepare)(replicates)
+        return fit_batch(family, starts, x, y, weights, tol, group.method, em_config, replicates.shape[0])
+
+    signature = ("fit", true_family, family, inputs, size, group.method, group.init, num_starts, init_id,
+                 em_config, noise, config.fit.dtype)
+    return signature, program
+
+
+def _score_program(config: StudyConfig, group: FitGroup) -> tuple[tuple, Callable]:
+    family, metrics = config.true_family, config.metrics
+    exact = config.is_exact(group)
+    density = metrics.density
+
+    def program(fitted, truth, density_key):
+        scores: dict[str, jnp.ndarray] = {}
+        for loss, column, translation in metrics.loss_columns(exact):
+            if loss.name == "D1":
+                value = exact_fitted_loss(family, fitted, truth, translation=translation)
+            elif loss.name == "D2":
+                value = over_fitted_loss(family, fitted, truth, translation=translation)
+            else:
+                value = voronoi_loss(family, fitted, truth, exponents=loss.exponents, translation=translation)
+            scores[column] = value.loss
+        if metrics.parameter_errors:
+            # The exponents matter only for the "infimum" translation: D1's when k = k*, the
+            # over-fitted table otherwise (the translation is metrics.parameter_errors.translation).
+            errors = parameter_errors(
+                family, fitted, truth, exponents="first_order" if exact else None,
+                translation=metrics.parameter_translation,
+            )
+            for block, value in errors.max_error.items():
+                scores[f"err_{block}"] = value
+            scores["mass_err"], scores["mass"], scores["cell_size"] = errors.mass_error, errors.cell_mass, errors.cell_sizes
+            for block, value in errors.shared_error.items():
+                scores[f"err_{block}"] = value
+        if density is not None:
+            distances = density_distances(
+                density_key, family, fitted, truth, config.inputs, density.num_inputs, density.grid_size,
+                density.num_quadrature,
+            )
+            if "hellinger" in density.distances:
+                scores["hellinger"], scores["hellinger_se"] = distances.hellinger, distances.hellinger_se
+            if "tv" in density.distances:
+                scores["tv"], scores["tv_se"] = distances.total_variation, distances.total_variation_se
+        return scores
+
+    signature = ("score", family, group.num_experts, exact, metrics, config.inputs if density else None, config.fit.dtype)
+    return signature, program
+
+
+_EXECUTABLES: dict[tuple, Any] = {}
+"""Compiled programs of this process by (signature, argument shapes): a second sweep with the same
+static choices (a resumed or repeated run, a test) reuses them instead of compiling again."""
+
+
+@dataclass
+class _CompileLog:
+    programs: list[dict] = field(default_factory=list)
+    xla_compiles: int = 0
+    xla_seconds: float = 0.0
+    cache_hits: int = 0
+
+    def on_duration(self, event: str, duration: float, **_: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.xla_compiles += 1
+            self.xla_seconds += duration
+
+    def on_event(self, event: str, **_: Any) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            self.cache_hits += 1
+
+
+def _executable(signature: tuple, program: Callable, arguments: tuple, log: _CompileLog, description: dict) -> Any:
+    """The compiled ``program`` for these argument shapes, compiling (and logging) it on first use."""
+    layout = jax.tree_util.tree_map(
+        lambda a: (jnp.shape(a), str(jnp.result_type(a)), getattr(a, "sharding", None)), arguments
+    )
+    key = (signature, str(jax.tree_util.tree_structure(arguments)), str(layout))
+    if key not in _EXECUTABLES:
+        start = time.perf_counter()
+        lowered = jax.jit(program).lower(*arguments)
+        traced = time.perf_counter()
+        _EXECUTABLES[key] = lowered.compile()
+        done = time.perf_counter()
+        log.programs.append(
+            {**description, "trace_seconds": round(traced - start, 3), "compile_seconds": round(done - traced, 3)}
+        )
+    return _EXECUTABLES[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows.
+
+
+def _cell_frame(config: StudyConfig, group: FitGroup, n: int, size: int, replicates: np.ndarray,
+                fits: Any, scores: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The rows of one cell for the given replicate ids (host arrays in, a DataFrame out)."""
+    count = len(replicates)
+    columns: dict[str, Any] = {"group": [group.label] * count}
+    for axis, value in group.axes().items():
+        columns[axis] = np.full(count, value) if not isinstance(value, str) else [value] * count
+    columns["n"] = np.full(count, n, dtype=np.int64)
+    columns["replicate"] = replicates.astype(np.int64)
+    columns["bucket"] = np.full(count, size, dtype=np.int64)
+    columns["log_likelihood"] = np.asarray(fits.log_likelihood[:count], dtype=np.float64)
+    columns["n_iter"] = np.asarray(fits.n_iter[:count], dtype=np.int64)
+    columns["converged"] = np.asarray(fits.converged[:count], dtype=bool)
+    columns["finite"] = np.asarray(fits.finite[:count], dtype=bool)
+    per_atom = {"mass_err": "mass_err_atom{}", "mass": "mass_atom{}", "cell_size": "cell_size_atom{}"}
+    for name, value in scores.items():
+        value = np.asarray(value[:count])
+        if value.ndim == 2:  # (replicate, true atom)
+            template = per_atom.get(name, name + "_atom{}")
+            for atom in range(value.shape[1]):
+                columns[template.format(atom)] = value[:, atom].astype(np.int64 if name == "cell_size" else np.float64)
+        else:
+            columns[name] = value.astype(np.float64)
+    for group_name in ("gate", "expert"):
+        for name, value in getattr(fits.params, group_name).items():
+            value = np.asarray(value[:count], dtype=np.float64).reshape(count, -1)
+            shape = np.asarray(getattr(fits.params, group_name)[name]).shape[1:]
+            for flat, index in enumerate(np.ndindex(*shape)):
+                columns["hat_" + "_".join([name, *map(str, index)])] = value[:, flat]
+    return pd.DataFrame(columns)
+
+
+def column_order(config: StudyConfig) -> list[str]:
+    """The canonical column order of ``fits.parquet`` for a config (a union over fit groups)."""
+    order = list(ID_COLUMNS + FIT_COLUMNS)
+    for loss in config.metrics.losses:
+        order += [column for column, _ in loss.columns(config.metrics.translation)]
+    if config.metrics.density is not None:
+        for distance in config.metrics.density.distances:
+            order += [distance, f"{distance}_se"]
+    if config.metrics.parameter_errors:
+        for atom in range(config.num_true):
+            order += [f"err_{block}_atom{atom}" for block in config.atom_blocks()]
+            order += [f"mass_err_atom{atom}", f"mass_atom{atom}", f"cell_size_atom{atom}"]
+        order += [f"err_{block}" for block in config.shared_blocks()]
+    largest = max(config.groups, key=lambda g: g.num_experts)
+    family = config.fitted_family(largest)
+    for fields in (family.gate.fields, family.expert.fields):
+        for field_ in fields:
+            order += ["hat_" + "_".join([field_.name, *map(str, index)]) for index in np.ndindex(*family.field_shape(field_))]
+    return order
+
+
+def _finished_cells(config: StudyConfig, run_dir: Path) -> set[str]:
+    """Cells already stored: part files, plus the cells of an earlier merged table."""
+    finished = storage.finished_parts(run_dir)
+    table = run_dir / storage.TABLE_FILE
+    if table.is_file():
+        stored = pd.read_parquet(table, columns=list(GRID_AXES) + ["n"]).drop_duplicates()
+        by_axes = {tuple(group.axes().values()): group for group in config.groups}
+        for row in stored.itertuples(index=False):
+            group = by_axes.get(tuple(getattr(row, axis) for axis in GRID_AXES))
+            if group is not None:
+                finished.add(cell_name(group, int(row.n)))
+    return finished
+
+
+def merge_results(config: StudyConfig, run_dir: Path) -> pd.DataFrame:
+    """Merge the stored cells into ``fits.parquet`` in canonical order (group, n, replicate)."""
+    frames = [frame for frame in (storage.read_parts(run_dir),) if frame is not None]
+    table_path = run_dir / storage.TABLE_FILE
+    if table_path.is_file():
+        frames.append(pd.read_parquet(table_path))
+    table = pd.concat(frames, ignore_index=True)
+    order = {tuple(group.axes().values()): group.index for group in config.groups}
+    table["_group_order"] = [order[tuple(row)] for row in table[list(GRID_AXES)].itertuples(index=False)]
+    table = (
+        table.drop_duplicates(subset=["_group_order", "n", "replicate"])
+        .sort_values(["_group_order", "n", "replicate"], kind="stable")
+        .drop(columns="_group_order")
+        .reset_index(drop=True)
+    )
+    columns = [c for c in column_order(config) if c in table.columns]
+    table = table[columns + [c for c in table.columns if c not in columns]]
+    storage.merge_table(run_dir, table)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep.
+
+
+def _chunk_size(config: StudyConfig) -> int:
+    """Replicates per program call: ``sweep.batch_size`` rounded up to a multiple of the devices."""
+    devices = jax.device_count()
+    return math.ceil(config.sweep.batch_size / devices) * devices
+
+
+def _replicate_sharding():
+    """A sharding of the replicate axis over every device, or None on a single device."""
+    devices = jax.devices()
+    if len(devices) == 1:
+        return None
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("replicate",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replicate"))
+
+
+def _check_prefix_stable_random_bits() -> None:
+    if not jax.config.jax_threefry_partitionable:
+        raise RuntimeError(
+            "the sweep pads samples and relies on JAX's partitionable Threefry random bits "
+            "(jax_threefry_partitionable=True, the default since JAX 0.5); it has been turned off"
+        )
+
+
+def plan(config: StudyConfig) -> dict[str, Any]:
+    """What a sweep of ``config`` will do: cells, buckets and programs to compile."""
+    growth = config.sweep.bucket_growth
+    buckets = sorted({bucket_size(n, growth) for n in config.sample_sizes})
+    batch = _chunk_size(config)
+    chunks = math.ceil(config.replicates / batch)
+    return {
+        "groups": [group.label for group in config.groups],
+        "sample_sizes": len(config.sample_sizes),
+        "replicates": config.replicates,
+        "cells": len(config.groups) * len(config.sample_sizes),
+        "fits": len(config.groups) * len(config.sample_sizes) * config.replicates,
+        "buckets": buckets,
+        "batch_size": batch,
+        "chunks_per_cell": chunks,
+        "fit_programs": len(config.groups) * len(buckets),
+        "score_programs": len(config.groups),
+        "padding_overhead": float(np.mean([bucket_size(n, growth) / n for n in config.sample_sizes])),
+    }
+
+
+def run_sweep(
+    config: StudyConfig,
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    after_cell: Callable[[int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Compute every cell of ``config`` not yet stored in ``run_dir``, then merge ``fits.parquet``.
+
+    Args:
+        config: the validated study.
+        run_dir: its results folder (see :mod:`moe_theory.storage`); finished cells found there
+            are not recomputed, which is how ``--resume`` works.
+        progress: show a tqdm progress bar (on stderr) with an ETA.
+        after_cell: called as ``after_cell(cells_written_this_session, cell_name)`` after each
+            cell is stored (tests use it to kill a run mid-sweep).
+
+    Returns:
+        This session's statistics (cells, wall and compile seconds, compile counts), also
+        appended to ``meta.json`` by the caller.
+    """
+    _check_prefix_stable_random_bits()
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+    finished = _finished_cells(config, run_dir)
+    cells = [(group, n) for group in config.groups for n in config.sample_sizes]
+    pending = [(group, n) for group, n in cells if cell_name(group, n) not in finished]
+
+    growth = config.sweep.bucket_growth
+    batch = _chunk_size(config)
+    sharding = _replicate_sharding()
+    replicate_chunks = []
+    for first in range(0, config.replicates, batch):
+        ids = jnp.arange(first, first + batch, dtype=jnp.int32)
+        replicate_chunks.append(jax.device_put(ids, sharding) if sharding is not None else ids)
+    root_key = jax.random.key(config.seed)
+    density_key = jax.random.fold_in(root_key, DENSITY_STREAM)
+    truth, tol = config.truth, np.float64(config.fit.tol)
+
+    log = _CompileLog()
+    monitoring.register_event_duration_secs_listener(log.on_duration)
+    monitoring.register_event_listener(log.on_event)
+    cell_seconds: dict[str, float] = {}
+    bar = None
+    if progress and pending:
+        from tqdm.auto import tqdm
+
+        work = sum(bucket_size(n, growth) * len(replicate_chunks) * batch for _, n in pending)
+        # Progress is measured in padded data points fitted, so the ETA weighs a cell by its cost.
+        bar = tqdm(total=work, desc=config.name, dynamic_ncols=True,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+    try:
+        for written, (group, n) in enumerate(pending, start=1):
+            cell_start = time.perf_counter()
+            size = bucket_size(n, growth)
+            if bar is not None:
+                bar.set_postfix_str(f"{group.label}, n={n} (bucket {size})")
+            fit_signature, fit_program = _fit_program(config, group, size)
+            fit_arguments = (root_key, replicate_chunks[0], np.int64(n), tol, truth)
+            fit_executable = _executable(fit_signature, fit_program, fit_arguments, log,
+                                         {"program": "fit", "group": group.label, "bucket": size})
+            score_signature, score_program = _score_program(config, group)
+            frames = []
+            for chunk in replicate_chunks:
+                fits = fit_executable(root_key, chunk, np.int64(n), tol, truth)
+                score_arguments = (fits.params, truth, density_key)
+                score_executable = _executable(score_signature, score_program, score_arguments, log,
+                                               {"program": "score", "group": group.label})
+                scores = score_executable(*score_arguments)
+                fits, scores = jax.device_get((fits, scores))
+                ids = np.asarray(chunk)
+                keep = ids < config.replicates
+                frames.append(_cell_frame(config, group, n, size, ids[keep], fits, scores))
+            name = cell_name(group, n)
+            storage.write_part(run_dir, name, pd.concat(frames, ignore_index=True))
+            cell_seconds[name] = round(time.perf_counter() - cell_start, 3)
+            if bar is not None:
+                bar.update(size * len(replicate_chunks) * batch)
+            if after_cell is not None:
+                after_cell(written, name)
+    finally:
+        if bar is not None:
+            bar.close()
+        monitoring.unregister_event_duration_listener(log.on_duration)
+        monitoring.unregister_event_listener(log.on_event)
+
+    merge_results(config, run_dir)
+    return {
+        "started_at": started_at,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "cells_total": len(cells),
+        "cells_already_stored": len(cells) - len(pending),
+        "cells_computed": len(pending),
+        "batch_size": batch,
+        "devices": jax.device_count(),
+        "compile_count": len(log.programs),
+        "compile_seconds": round(sum(p["trace_seconds"] + p["compile_seconds"] for p in log.programs), 3),
+        "programs": log.programs,
+        "xla_compilations_all": log.xla_compiles,
+        "xla_compile_seconds_all": round(log.xla_seconds, 3),
+        "persistent_cache_hits": log.cache_hits,
+        "cell_seconds": cell_seconds,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole study: lock, metadata, sweep, then the tables, figures and report.
+
+
+def _totals(sessions: list[dict]) -> dict[str, Any]:
+    return {
+        "sessions": len(sessions),
+        "wall_seconds": round(sum(s.get("wall_seconds", 0.0) for s in sessions), 3),
+        "compile_seconds": round(sum(s.get("compile_seconds", 0.0) for s in sessions), 3),
+        "compile_count": sum(s.get("compile_count", 0) for s in sessions),
+        "cells_computed": sum(s.get("cells_computed", 0) for s in sessions),
+    }
+
+
+def run_study(
+    config: StudyConfig,
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    command: str | None = None,
+    after_cell: Callable[[int, str], None] | None = None,
+    figures: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) a study into ``run_dir`` and write every artefact of the results folder.
+
+    ``run_dir`` must hold the resolved ``config.yaml`` (:func:`moe_theory.storage.create_run_dir`
+    then :meth:`StudyConfig.to_yaml`, as ``moe-theory run`` does). Cells already stored there are
+    not recomputed. Returns the updated ``meta.json`` contents.
+    """
+    from . import plotting, report
+
+    run_dir = Path(run_dir)
+    with storage.RunLock(run_dir) as lock:
+        meta = storage.read_meta(run_dir)
+        if not meta:
+            meta = {
+                "run_id": run_dir.name,
+                "name": config.name,
+                "config_source": config.source,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "dtype": config.fit.dtype,
+                "seed": config.seed,
+                "environment": storage.environment(),
+                "git": storage.git_state(),
+                "plan": plan(config),
+                "sessions": [],
+            }
+        for session in meta["sessions"]:
+            if session.get("status") == "running":
+                session["status"] = "interrupted"
+        meta["sessions"].append({"status": "running", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                 "command": command, "lock": lock.took_over})
+        meta["status"] = "running"
+        jax_cache = jax.config.jax_compilation_cache_dir
+        meta["sessions"][-1]["persistent_compile_cache"] = jax_cache or None
+        storage.write_meta(run_dir, meta)
+
+        session = run_sweep(config, run_dir, progress=progress, after_cell=after_cell)
+        meta["sessions"][-1].update(status="complete", **session)
+        meta["status"] = "complete"
+        meta["totals"] = _totals(meta["sessions"])
+        storage.write_meta(run_dir, meta)
+        start = time.perf_counter()
+        report.write_tables(run_dir)
+        if figures:
+            plotting.make_figures(run_dir)
+        meta["sessions"][-1]["tables_and_figures_seconds"] = round(time.perf_counter() - start, 3)
+        meta["totals"] = _totals(meta["sessions"])
+        storage.write_meta(run_dir, meta)
+        report.write_report(run_dir)
+    return meta

@@ -1,0 +1,135 @@
+"""The command line end to end: a smoke run produces every artefact, plot and report rerun from the
+table alone, list shows the shipped configs, a config error stops before any work, and a run
+killed with SIGKILL mid-sweep resumes to exactly the table of an uninterrupted run."""
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from moe_theory import storage
+from moe_theory.cli import main
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+FIGURES = ("losses", "metrics", "parameters", "convergence")
+
+
+def run_cli(*arguments):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in arguments])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    code, out, err = run_cli("run", SMOKE, "--out", root, "--no-progress", "--no-compile-cache")
+    assert code == 0, err
+    (run_dir,) = (root / "smoke").iterdir()
+    return run_dir, out
+
+
+def test_run_writes_every_artefact_and_prints_where_and_the_rates(smoke_run):
+    run_dir, out = smoke_run
+    for name in (storage.CONFIG_FILE, storage.META_FILE, storage.TABLE_FILE, storage.SUMMARY_FILE,
+                 storage.RATES_FILE, storage.REPORT_FILE):
+        assert (run_dir / name).is_file(), name
+    for figure in FIGURES:
+        for suffix in (".png", ".pdf"):
+            assert (run_dir / storage.FIGURES_DIR / f"{figure}{suffix}").stat().st_size > 1000
+    assert str(run_dir) in out and "fits.parquet" in out and "rates (log-log slope of the per-n mean)" in out
+    assert "k=2      D1" in out
+    meta = json.loads((run_dir / storage.META_FILE).read_text())
+    assert meta["status"] == "complete" and meta["totals"]["cells_computed"] == 6
+    report = (run_dir / storage.REPORT_FILE).read_text()
+    assert "## Measured rates" in report and "figures/losses.png" in report and "excluded" in report
+
+
+def test_plot_and_report_rerun_from_the_table_alone(smoke_run):
+    run_dir, _ = smoke_run
+    table_bytes = (run_dir / storage.TABLE_FILE).read_bytes()
+    for figure in (run_dir / storage.FIGURES_DIR).iterdir():
+        figure.unlink()
+    (run_dir / storage.REPORT_FILE).unlink()
+    code, out, _ = run_cli("plot", run_dir)
+    assert code == 0 and all((run_dir / storage.FIGURES_DIR / f"{f}.png").is_file() for f in FIGURES)
+    code, out, _ = run_cli("report", run_dir)
+    assert code == 0 and (run_dir / storage.REPORT_FILE).is_file() and "rates (log-log" in out
+    assert (run_dir / storage.TABLE_FILE).read_bytes() == table_bytes
+    code, _, err = run_cli("plot", run_dir.parent / "no-such-run")
+    assert code == 2 and "no such run folder" in err
+
+
+def test_list_shows_the_shipped_configs_and_the_rate_registry():
+    code, out, _ = run_cli("list")
+    assert code == 0 and "quickstart.yaml" in out and "smoke.yaml" in out and "Paper-1 miniature" in out
+    code, out, _ = run_cli("list", "--rates")
+    assert code == 0 and "softmax_gaussian" in out and "overfit_cell2" in out
+
+
+def test_config_errors_stop_the_run_before_any_work(tmp_path):
+    code, _, err = run_cli("run", SMOKE, "--out", tmp_path, "--set", "fit.num_experts=1", "--no-compile-cache")
+    assert code == 2
+    assert f"error: {SMOKE} (set by --set fit.num_experts): fit.num_experts: the fitted k = 1 is smaller" in err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(SMOKE.read_text().replace("replicates: 3", "replicates: 3\nrepeats: 2"))
+    code, _, err = run_cli("run", broken, "--out", tmp_path, "--no-compile-cache")
+    assert code == 2 and f"{broken}:" in err and "repeats: unknown key" in err
+    assert not (tmp_path / "smoke").exists()
+
+
+KILLED_RUN = """
+import os, signal
+from moe_theory import storage, sweep
+from moe_theory.config import load_config
+
+config = load_config({config!r}, ["fit.num_experts=2"])
+run_dir = storage.create_run_dir({root!r}, config.name)
+storage.write_text(run_dir / storage.CONFIG_FILE, config.to_yaml())
+print(run_dir, flush=True)
+
+def kill_after_two_cells(written, cell):
+    if written == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all, like a real kill
+
+sweep.run_study(config, run_dir, progress=False, after_cell=kill_after_two_cells)
+"""
+
+
+def test_killed_run_resumes_to_the_uninterrupted_table(smoke_run, tmp_path):
+    environment = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla-cache")}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN.format(config=str(SMOKE), root=str(tmp_path))],
+        capture_output=True, text=True, env=environment, timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = Path(killed.stdout.strip().splitlines()[-1])
+    assert len(storage.finished_parts(run_dir)) == 2 and (run_dir / storage.LOCK_FILE).exists()
+    assert not (run_dir / storage.TABLE_FILE).exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "moe_theory", "run", "--resume", str(run_dir), "--no-progress",
+         "--compile-cache", str(tmp_path / "xla-cache")],
+        capture_output=True, text=True, env=environment, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 cell(s) computed, 2 already stored" in resumed.stdout
+    meta = json.loads((run_dir / storage.META_FILE).read_text())
+    assert [s["status"] for s in meta["sessions"]] == ["interrupted", "complete"]
+    assert "stale lock" in meta["sessions"][-1]["lock"]
+
+    # The uninterrupted reference: the k = 2 rows of the two-group smoke run, computed in another
+    # process (the data do not depend on the fit group, and the k = 2 group is the same group).
+    reference_dir, _ = smoke_run
+    reference = storage.read_table(reference_dir)
+    reference = reference[reference.num_experts == 2].dropna(axis=1, how="all").reset_index(drop=True)
+    resumed_table = storage.read_table(run_dir)
+    pd.testing.assert_frame_equal(resumed_table[reference.columns], reference, check_exact=True)
