@@ -24,6 +24,12 @@ returned parameters, as scikit-learn does.
 Everything is pure and jit/vmap-clean: ``tol`` is traced (changing it does not recompile), the
 family and the iteration bounds are static.
 
+**Fast path.** For the plain softmax gate with Gaussian-linear experts (small k and d, one gate
+step per iteration) :func:`fit_em` and :func:`fit_em_trace` run :mod:`moe_theory.fit.fast`, which
+computes the same iteration in one fused pass over the data per iteration; both paths share the
+loop drivers below, hence the stopping rule. ``EMConfig(fast_path=False)`` forces this module's
+generic iteration.
+
 [1] Nguyen, Nguyen, Ho, "Demystifying Softmax Gating Function in Gaussian Mixture of Experts",
 NeurIPS 2023, arXiv 2305.03288.
 """
@@ -57,6 +63,9 @@ class EMConfig:
         max_halvings: step halvings tried per Newton step.
         variance_floor: lower bound on fitted Gaussian variances; 0 returns the exact MLE, under
             which an over-fitted expert may collapse onto one point (reported as ``finite=False``).
+        fast_path: use :mod:`moe_theory.fit.fast` where it applies (softmax gate without
+            activation, temperature or top-K, Gaussian-linear experts, 2 ≤ k ≤ 6, d ≤ 4,
+            ``gate_steps == 1``). It computes the same iteration; False forces the generic path.
     """
 
     max_iter: int = 2000
@@ -64,6 +73,7 @@ class EMConfig:
     expert_steps: int = 1
     max_halvings: int = 20
     variance_floor: float = 0.0
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_iter", "gate_steps", "expert_steps", "max_halvings"):
@@ -72,6 +82,8 @@ class EMConfig:
                 raise ValueError(f"{name}: expected a non-negative integer (max_iter ≥ 1), got {value!r}")
         if not self.variance_floor >= 0:
             raise ValueError(f"variance_floor: expected ≥ 0, got {self.variance_floor!r}")
+        if not isinstance(self.fast_path, bool):
+            raise ValueError(f"fast_path: expected True or False, got {self.fast_path!r}")
 
 
 class FitResult(NamedTuple):
@@ -246,7 +258,7 @@ def _em_iteration(family: Family, config: EMConfig, x, y, weights, total, state:
     )
 
 
-def _has_converged(state: _State, tol) -> jnp.ndarray:
+def _has_converged(state, tol) -> jnp.ndarray:
     change = jnp.abs(state.log_likelihood - state.previous)
     return (state.iteration >= 2) & (change <= tol * jnp.abs(state.previous))
 
@@ -277,6 +289,28 @@ def _finish(family: Family, state: _State, converged, x, y, weights, total) -> F
     )
 
 
+def _generic_problem(family: Family, config: EMConfig, params0: MoEParams, x, y, weights):
+    """(initial state, iterate, finish) of this module's generic iteration, for the drivers below."""
+    x, y, weights, total, initial = _prepare(family, params0, x, y, weights)
+
+    def iterate(state: _State, active) -> _State:
+        del active  # the generic iteration has no replicate-dependent work to skip
+        return _em_iteration(family, config, x, y, weights, total, state)
+
+    def finish(state: _State, converged) -> FitResult:
+        return _finish(family, state, converged, x, y, weights, total)
+
+    return initial, iterate, finish
+
+
+def _problem(family: Family, config: EMConfig, params0: MoEParams, x, y, weights):
+    # Imported here because the fast path builds on this module's helpers (FitResult, _prepare).
+    from .fast import fast_em_problem, fast_path_applies
+
+    build = fast_em_problem if fast_path_applies(family, config) else _generic_problem
+    return build(family, config, params0, x, y, weights)
+
+
 @partial(jax.jit, static_argnames=("family", "config"))
 def fit_em(
     family: Family,
@@ -299,15 +333,15 @@ def fit_em(
     Returns:
         :class:`FitResult`. Batch with ``jax.vmap`` or :func:`moe_theory.fit.fit_batch`.
     """
-    x, y, weights, total, state = _prepare(family, params0, x, y, weights)
+    initial, iterate, finish = _problem(family, config, params0, x, y, weights)
 
     def keep_going(state):
         return (state.iteration < config.max_iter) & state.finite & ~_has_converged(state, tol)
 
-    state = jax.lax.while_loop(
-        keep_going, lambda s: _em_iteration(family, config, x, y, weights, total, s), state
-    )
-    return _finish(family, state, _has_converged(state, tol), x, y, weights, total)
+    # Under vmap the body also runs for replicates that have stopped (their results are discarded);
+    # ``active`` lets an iteration skip replicate-dependent extra work for them.
+    state = jax.lax.while_loop(keep_going, lambda s: iterate(s, keep_going(s)), initial)
+    return finish(state, _has_converged(state, tol))
 
 
 @partial(jax.jit, static_argnames=("family", "config"))
@@ -326,13 +360,13 @@ def fit_em_trace(
     result equals :func:`fit_em`'s. The trace holds ℓ(θ_t) for t = 0 .. max_iter − 1, with NaN
     after the fit stopped.
     """
-    x, y, weights, total, state = _prepare(family, params0, x, y, weights)
+    initial, iterate, finish = _problem(family, config, params0, x, y, weights)
 
     def step(state, _):
         active = state.finite & ~_has_converged(state, tol)
-        new = _em_iteration(family, config, x, y, weights, total, state)
+        new = iterate(state, active)
         state = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, state)
         return state, jnp.where(active, state.log_likelihood, jnp.nan)
 
-    state, trace = jax.lax.scan(step, state, length=config.max_iter)
-    return _finish(family, state, _has_converged(state, tol), x, y, weights, total), trace
+    state, trace = jax.lax.scan(step, initial, length=config.max_iter)
+    return finish(state, _has_converged(state, tol)), trace
