@@ -1,7 +1,7 @@
 """EM throughput: this package's fitter against its generic path, plain NumPy and the machine's floor.
 
-Workload (issue 3): softmax gate and Gaussian-linear experts, n = 10,000 samples, k = 3 fitted
-experts, d = 1, 200 EM iterations with a negative tolerance (so no fit stops early), float64,
+Workload (the one the project's performance targets are set on): softmax gate and Gaussian-linear
+experts, n = 10,000 samples, k = 3 fitted experts, d = 1, 200 EM iterations with a negative tolerance (so no fit stops early), float64,
 64 replicates. Data follow paper 1's two-expert truth (β₀ = (−8, 0), β₁ = (25, 0), a = (−20, 20),
 b = (15, −5), ν = (0.09, 0.16)) on a grid x ∈ [0, 1]; each replicate starts near the truth with the
 second true expert split in two.

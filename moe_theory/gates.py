@@ -114,9 +114,12 @@ BETA_FIELDS = (
 class Score:
     """A registered score: its fields, slope part and offset.
 
-    ``translatable_slope`` says whether adding a common t₁ to the slope field leaves a softmax
-    gate unchanged, and ``affine`` whether the score is affine in its parameters (both true for the
-    linear score only; the fitters use ``affine`` to skip a Hessian term that is then zero).
+    ``offset_field`` names the field that carries the per-expert offset (translations, the
+    fitters' reference-expert convention and the losses' weights use it); ``log_offset`` says the
+    offset is the log of that field (the Gaussian gate's log w) rather than the field itself.
+    ``translatable_slope`` says whether adding a common t₁ to the slope field ``beta1`` leaves a
+    softmax gate unchanged, and ``affine`` whether the score is affine in its parameters (both true
+    for the linear score only; the fitters use ``affine`` to skip a Hessian term that is then zero).
     """
 
     fields: tuple[Field, ...]
@@ -124,6 +127,8 @@ class Score:
     offset: Callable[[Mapping[str, jnp.ndarray]], jnp.ndarray]
     translatable_slope: bool = False
     affine: bool = False
+    offset_field: str = "beta0"
+    log_offset: bool = False
 
 
 SCORES: dict[str, Score] = {
@@ -138,6 +143,8 @@ SCORES: dict[str, Score] = {
         ),
         _gaussian_log_density,
         _log_weight_offset,
+        offset_field="weight",
+        log_offset=True,
     ),
 }
 
@@ -348,12 +355,11 @@ def translate_gate(
     None or zero) where the slope part is not translatable.
     """
     translated = dict(gate_params)
-    if gate.score == "gaussian":
-        translated["weight"] = gate_params["weight"] * jnp.exp(shift)
-    else:
-        translated["beta0"] = gate_params["beta0"] + shift
-        if slope_shift is not None and gate.slope_translatable:
-            translated["beta1"] = gate_params["beta1"] + slope_shift
+    score = SCORES[gate.score]
+    offset = gate_params[score.offset_field]
+    translated[score.offset_field] = offset * jnp.exp(shift) if score.log_offset else offset + shift
+    if slope_shift is not None and gate.slope_translatable:
+        translated["beta1"] = gate_params["beta1"] + slope_shift
     return translated
 
 
@@ -361,9 +367,10 @@ def canonical_gate(gate: Gate, gate_params: Mapping[str, jnp.ndarray]) -> dict[s
     """The canonical representative of the gate's translation class (see the module docstring)."""
     if not gate.shift_invariant:
         return dict(gate_params)
-    if gate.score == "gaussian":
-        return translate_gate(gate, gate_params, -jnp.log(jnp.sum(gate_params["weight"])))
+    score = SCORES[gate.score]
+    if score.log_offset:
+        return translate_gate(gate, gate_params, -jnp.log(jnp.sum(gate_params[score.offset_field])))
     reference_slope = gate_params["beta1"][-1] if gate.slope_translatable else None
     return translate_gate(
-        gate, gate_params, -gate_params["beta0"][-1], None if reference_slope is None else -reference_slope
+        gate, gate_params, -gate_params[score.offset_field][-1], None if reference_slope is None else -reference_slope
     )

@@ -14,7 +14,7 @@ The paper-1 code uses (c, α) = (0.005, 0.083) on the gate, (0.05, 0.083) on the
 (0.005, 0.25) on the variances [1]. Set α = 0 for an n-independent start. The truth is put in
 canonical form first, so the fitted reference expert starts (and stays) at the reference.
 
-**Random initialisation** (needs no truth): k-means++ seeding [Arthur & Vassilievitch 2007] on the
+**Random initialisation** (needs no truth): k-means++ seeding [Arthur & Vassilvitskii, k-means++: the advantages of careful seeding, SODA 2007] on the
 standardised pairs (x, y) picks k data points; each sample is assigned to its nearest seed; then one
 M-step from those hard responsibilities gives the experts (closed form, or Newton from a neutral
 start) and a few gate Newton steps give the gate, starting from the uniform gate (β = 0) for the

@@ -286,10 +286,6 @@ WEIGHT_RULES: dict[str, str] = {
 TRANSLATIONS = ("infimum", "mass", "none")
 """Translation options for softmax-type gates; see the module docstring."""
 
-# The offset field carries the weight; τ is shared. Everything else per expert is an atom block.
-_OFFSET_FIELD = {"gaussian": "weight"}
-_DEFAULT_OFFSET_FIELD = "beta0"
-
 
 @dataclass(frozen=True)
 class Block:
@@ -334,7 +330,8 @@ def atom_spec(family: Family, weight: str | None = None) -> AtomSpec:
     weight = weight or default_weight_rule(gate)
     if weight not in WEIGHT_RULES:
         raise ValueError(f"weight: unknown weight rule {weight!r}; expected one of {sorted(WEIGHT_RULES)}")
-    offset = _OFFSET_FIELD.get(gate.score, _DEFAULT_OFFSET_FIELD)
+    # The offset field carries the weight; τ is shared. Everything else per expert is an atom block.
+    offset = SCORES[gate.score].offset_field
     gate_blocks = tuple(Block(f.name, "gate") for f in gate.fields if f.name not in (offset, TAU_FIELD.name))
     expert_blocks = tuple(Block(f.name, "expert") for f in family.expert.fields)
     shared = (Block(TAU_FIELD.name, "gate"),) if gate.temperature is not None else ()

@@ -150,8 +150,8 @@ def weighted_sum(values: jnp.ndarray, weights: jnp.ndarray | None) -> jnp.ndarra
     """Σ_j w_j v_j, in which a zero weight removes v_j exactly, even if v_j is ±inf or NaN."""
     if weights is None:
         return jnp.sum(values)
-    # The inner `where` also keeps the gradient finite: 0 · inf would otherwise give NaN.
-    return jnp.sum(jnp.where(weights > 0, weights * jnp.where(weights > 0, values, 0.0), 0.0))
+    # Masking the values (not the product) also keeps the gradient finite: 0 · inf would give NaN.
+    return jnp.sum(weights * jnp.where(weights > 0, values, 0.0))
 
 
 @partial(jax.jit, static_argnames=("family", "reduce"))

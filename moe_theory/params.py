@@ -53,6 +53,10 @@ class Field:
     constraint: str = "real"
     description: str = ""
 
+    def __post_init__(self) -> None:
+        if self.constraint not in CONSTRAINTS:
+            raise ValueError(f"Field {self.name!r}: unknown constraint {self.constraint!r}; expected one of {CONSTRAINTS}")
+
     def resolve_shape(self, num_experts: int, dim: int, num_classes: int | None) -> tuple[int, ...]:
         sizes = {"k": num_experts, "d": dim}
         if num_classes is not None:

@@ -113,12 +113,6 @@ class _State(NamedTuple):
     finite: jnp.ndarray
 
 
-def _xlogy_weighted(weights: jnp.ndarray, log_values: jnp.ndarray) -> jnp.ndarray:
-    """Σ weights · log_values with 0 · (−inf) = 0 (top-K zeros, padding) and finite gradients."""
-    positive = weights > 0
-    return jnp.sum(jnp.where(positive, weights * jnp.where(positive, log_values, 0.0), 0.0))
-
-
 def expert_mstep(family: Family, config: EMConfig, params: MoEParams, x, y, omega, total):
     """Maximise Σ_j Σ_i ω_ji log f(y_j | x_j; η_i) over the expert parameters.
 
@@ -134,7 +128,7 @@ def expert_mstep(family: Family, config: EMConfig, params: MoEParams, x, y, omeg
 
         def objective(unconstrained):
             log_f = expert.log_prob(constrain(fields, unconstrained), x, y)
-            return _xlogy_weighted(omega, log_f) / total, None
+            return weighted_sum(log_f, omega) / total, None
 
         start = unconstrain(fields, params.expert)
         free = {name: jnp.ones_like(value) for name, value in start.items()}
@@ -204,7 +198,7 @@ def _gate_derivatives(family: Family, x, omega, total):
         if not gate.affine_in_parameters:
             fixed = jax.lax.stop_gradient(score_gradient)
             hessian = hessian + jax.hessian(lambda f: jnp.sum(fixed * score_of(f)[0]))(flat)
-        value = _xlogy_weighted(omega, log_pi)
+        value = weighted_sum(log_pi, omega)
         return value / total, log_pi, gradient / total, hessian / total
 
     return derivatives
@@ -215,7 +209,7 @@ def gate_mstep(family: Family, config: EMConfig, params: MoEParams, log_gate, x,
 
     def objective(unconstrained):
         log_pi = log_gate_weights(family.gate, constrain(fields, unconstrained), x)
-        return _xlogy_weighted(omega, log_pi) / total, log_pi
+        return weighted_sum(log_pi, omega) / total, log_pi
 
     if config.gate_steps == 0:
         return params.gate, log_gate

@@ -63,8 +63,7 @@ the accepted point run in ``while_loop``s, which under ``vmap`` take zero trips 
 replicate needs them (a ``lax.cond`` would become a select that always runs both branches; and an
 optimisation barrier keeps XLA from hoisting the loop-invariant pass out of the loop, where it would
 run every time). After the last iteration the pending step is settled the same way, together with
-the final E-step. The
-accepted parameters, the log-likelihoods ℓ(θ_t), the iteration count and the stopping decisions are
+the final E-step. The accepted parameters, the log-likelihoods ℓ(θ_t), the iteration count and the stopping decisions are
 therefore the generic path's; only the bookkeeping moved by half an iteration.
 
 **What can differ.** Rounding: sums are formed in another order, the expert update is in residual

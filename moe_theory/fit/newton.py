@@ -16,7 +16,8 @@ objective (the softmax gate [1]) this is the ordinary Newton step. Where it is n
 Euclidean gates, nonlinear experts can be locally non-concave), μ is raised to the Gershgorin bound
 max_i (Σ_{j≠i} |A_ij| − A_ii) + ε·max(1, max|A_ii|), which makes A + μI diagonally dominant and
 hence positive definite, so δ is a Levenberg–Marquardt ascent direction. The factorisations use
-:mod:`moe_theory.linalg` (no LAPACK calls inside the compiled loop). Step halving then tries α = 1, 1/2, 1/4, … until Q(u + αδ) ≥ Q(u); if no halving succeeds the point
+:mod:`moe_theory.linalg` (no LAPACK calls inside the compiled loop). Step halving then tries
+α = 1, 1/2, 1/4, … until Q(u + αδ) ≥ Q(u); if no halving succeeds the point
 is left unchanged. Hence Q never decreases, which keeps EM's log-likelihood monotone (a generalised
 EM). Gradients and Hessians come from automatic differentiation, so a new gate needs no M-step code.
 
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from .. import linalg
+from ..gates import SCORES
 from ..models import Family
 from ..params import Field
 
@@ -81,7 +83,7 @@ def gate_free_mask(family: Family, like: Mapping[str, jnp.ndarray]) -> dict[str,
     gate = family.gate
     mask = {name: jnp.ones_like(value) for name, value in like.items()}
     if gate.shift_invariant:
-        offset = "weight" if gate.score == "gaussian" else "beta0"
+        offset = SCORES[gate.score].offset_field
         mask[offset] = mask[offset].at[-1].set(0.0)
         if gate.slope_translatable:
             mask["beta1"] = mask["beta1"].at[-1].set(0.0)
