@@ -252,9 +252,16 @@ def _em_iteration(family: Family, config: EMConfig, x, y, weights, total, state:
     )
 
 
+def relative_change_converged(value, previous, iteration, tol) -> jnp.ndarray:
+    """The stopping rule of [1]: |ℓ_t − ℓ_{t−1}| ≤ tol·|ℓ_{t−1}| after at least two iterations.
+
+    False whenever either value is NaN, so a NaN can never count as converged.
+    """
+    return (iteration >= 2) & (jnp.abs(value - previous) <= tol * jnp.abs(previous))
+
+
 def _has_converged(state, tol) -> jnp.ndarray:
-    change = jnp.abs(state.log_likelihood - state.previous)
-    return (state.iteration >= 2) & (change <= tol * jnp.abs(state.previous))
+    return relative_change_converged(state.log_likelihood, state.previous, state.iteration, tol)
 
 
 def _prepare(family: Family, params0: MoEParams, x, y, weights):

@@ -26,7 +26,7 @@ import optax
 
 from ..models import Family, canonicalize, log_likelihood
 from ..params import MoEParams
-from .em import FitResult, _all_finite
+from .em import FitResult, _all_finite, relative_change_converged
 from .newton import constrain, gate_free_mask, unconstrain
 
 
@@ -92,7 +92,7 @@ def fit_mle(
 
     def keep_going(carry):
         _, _, value, previous, iteration = carry
-        converged = (iteration >= 2) & (jnp.abs(value - previous) <= tol * jnp.abs(previous))
+        converged = relative_change_converged(value, previous, iteration, tol)
         return (iteration < max_iter) & jnp.isfinite(value) & ~converged
 
     initial_value = negative_log_likelihood(start)
@@ -104,5 +104,5 @@ def fit_mle(
     params = canonicalize(family, _to_constrained(family, u))
     final = log_likelihood(family, params, x, y, weights)
     finite = jnp.isfinite(final) & _all_finite(params)
-    converged = (iteration >= 2) & (jnp.abs(value - previous) <= tol * jnp.abs(previous)) & finite
+    converged = relative_change_converged(value, previous, iteration, tol) & finite
     return FitResult(params=params, log_likelihood=final, n_iter=iteration, converged=converged, finite=finite)
