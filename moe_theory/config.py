@@ -357,6 +357,7 @@ class FitSettings:
     tol: float
     max_iter: int
     expert_steps: int
+    inner_tol: float
     max_halvings: int
     variance_floor: float
     dtype: str
@@ -520,6 +521,7 @@ class StudyConfig:
                 "tol": fit.tol,
                 "max_iter": fit.max_iter,
                 "expert_steps": fit.expert_steps,
+                "inner_tol": fit.inner_tol,
                 "max_halvings": fit.max_halvings,
                 "variance_floor": fit.variance_floor,
                 "dtype": fit.dtype,
@@ -569,7 +571,7 @@ def _plain(value: Any) -> Any:
 # Sections.
 
 _TOP_KEYS = ("name", "description", "seed", "model", "inputs", "sample_sizes", "replicates", "fit", "metrics", "rates", "sweep")
-_FIT_KEYS = GRID_AXES + ("near_truth", "tol", "max_iter", "expert_steps", "max_halvings", "variance_floor", "dtype")
+_FIT_KEYS = GRID_AXES + ("near_truth", "tol", "max_iter", "expert_steps", "inner_tol", "max_halvings", "variance_floor", "dtype")
 
 
 _MODEL_ERROR_PATH = re.compile(r"^(?:model\.)?([A-Za-z_][A-Za-z0-9_.]*(?:\[\d+\])*)")
@@ -651,6 +653,7 @@ def _parse_fit(ctx: _Context, raw: Any, num_true: int) -> FitSettings:
         tol=_float(ctx, fit.get("tol", 1e-6), "fit.tol", minimum=0),
         max_iter=_int(ctx, fit.get("max_iter", 2000), "fit.max_iter", minimum=1),
         expert_steps=_int(ctx, fit.get("expert_steps", 1), "fit.expert_steps", minimum=0),
+        inner_tol=_float(ctx, fit.get("inner_tol", 1e-12), "fit.inner_tol", minimum=0),
         max_halvings=_int(ctx, fit.get("max_halvings", 20), "fit.max_halvings", minimum=0),
         variance_floor=_float(ctx, fit.get("variance_floor", 0.0), "fit.variance_floor", minimum=0),
         dtype=_choice(ctx, fit.get("dtype", "float64"), "fit.dtype", DTYPES),

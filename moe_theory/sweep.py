@@ -157,6 +157,7 @@ def _em_config(config: StudyConfig, group: FitGroup) -> EMConfig:
         max_iter=fit.max_iter,
         gate_steps=group.gate_steps,
         expert_steps=fit.expert_steps,
+        inner_tol=fit.inner_tol,
         max_halvings=fit.max_halvings,
         variance_floor=fit.variance_floor,
     )

@@ -46,7 +46,8 @@ def _plain_mixture_start(means, variances):
 def test_constant_gate_em_iterations_equal_sklearn_gaussian_mixture():
     """With no inputs (d = 0) the model is a 1-D Gaussian mixture: EM iterates must equal sklearn's.
 
-    The gate's Newton loop is run to convergence (50 steps) so each M-step is exact, as in sklearn.
+    The gate's Newton loop runs all 50 steps (no inner tolerance), so each M-step is exact to
+    rounding, as in sklearn; the differences of a 1e-12 inner tolerance add up over 40 iterations.
     """
     truth_family, truth = _plain_mixture_start([-2.0, 0.0, 3.0], [0.5, 1.0, 0.3])
     truth = truth._replace(gate={**truth.gate, "beta0": jnp.array([0.5, -0.2, 0.0])})
@@ -54,7 +55,7 @@ def test_constant_gate_em_iterations_equal_sklearn_gaussian_mixture():
     family, start = _plain_mixture_start([-1.0, 0.5, 2.0], [1.0, 1.0, 1.0])
     x = jnp.zeros((y.shape[0], 0))
     for iterations in (1, 7, 40):
-        ours = fit_em(family, start, x, y, tol=-1.0, config=EMConfig(max_iter=iterations, gate_steps=50))
+        ours = fit_em(family, start, x, y, tol=-1.0, config=EMConfig(max_iter=iterations, gate_steps=50, inner_tol=0.0))
         reference = GaussianMixture(
             3, tol=0.0, max_iter=iterations, reg_covar=0.0, weights_init=[1 / 3] * 3,
             means_init=[[-1.0], [0.5], [2.0]], precisions_init=np.ones((3, 1, 1)),
@@ -277,3 +278,31 @@ def test_fit_validates_its_inputs(paper1):
         fit(family, x[:, [0, 0]], y, key=jax.random.key(0))
     with pytest.raises(ValueError, match="method"):
         fit(family, x, y, key=jax.random.key(0), method="newton")
+
+
+def test_inner_newton_tolerance_stops_early_at_the_same_optimum():
+    """A loose tolerance stops the inner Newton loop after one step; a tight one reaches the optimum."""
+    from moe_theory.fit.newton import newton_ascent
+
+    rng = np.random.default_rng(3)
+    features = jnp.asarray(rng.normal(size=(400, 3)))
+    labels = jnp.asarray(rng.random(400) < 1 / (1 + np.exp(-(features @ np.array([1.0, -2.0, 0.5])))), float)
+
+    def logistic_log_likelihood(u):
+        logits = features @ u["w"]
+        value = jnp.mean(labels * logits - jnp.logaddexp(0.0, logits))
+        return value, logits
+
+    start, free = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    one_step, _, _ = newton_ascent(logistic_log_likelihood, start, free, 1)
+    stopped_at_once, _, _ = newton_ascent(logistic_log_likelihood, start, free, 300, tolerance=1e300)
+    np.testing.assert_array_equal(stopped_at_once["w"], one_step["w"])
+
+    full, full_value, _ = newton_ascent(logistic_log_likelihood, start, free, 300, tolerance=0.0)
+    early, early_value, early_logits = newton_ascent(logistic_log_likelihood, start, free, 300, tolerance=1e-10)
+    np.testing.assert_allclose(early["w"], full["w"], rtol=1e-6)
+    assert float(early_value) >= float(full_value) - 1e-12
+    np.testing.assert_allclose(early_logits, features @ early["w"], rtol=1e-12)
+    # The oracle: scikit-learn's unpenalised logistic regression on the same data.
+    reference = LogisticRegression(penalty=None, fit_intercept=False, tol=1e-12, max_iter=10_000).fit(features, labels)
+    np.testing.assert_allclose(full["w"], reference.coef_[0], rtol=1e-5)

@@ -7,10 +7,10 @@ For data (x_j, y_j) with sample weights w_j ≥ 0 (0 marks padding), one EM iter
 * **expert M-step**: maximise Σ_j Σ_i w_j r_{ji} log f(y_j | x_j; η_i). Gaussian-linear experts use
   the closed form (weighted least squares, then the weighted residual variance); other experts take
   ``expert_steps`` damped Newton steps (:mod:`moe_theory.fit.newton`);
-* **gate M-step**: ``gate_steps`` damped Newton steps with step halving on
-  Q(θ_gate) = Σ_j Σ_i w_j r_{ji} log π_i(x_j; θ_gate). With one step this is a generalised EM;
-  the authors' code [1] iterates the gate's Newton/IRLS loop to convergence (up to 300 steps),
-  which ``gate_steps=300`` reproduces. The gate's log-weights at the accepted point are carried
+* **gate M-step**: up to ``gate_steps`` damped Newton steps with step halving on
+  Q(θ_gate) = Σ_j Σ_i w_j r_{ji} log π_i(x_j; θ_gate), stopping early once a step gains at most
+  ``inner_tol``·|Q|. With one step this is a generalised EM; the authors' code [1] iterates the
+  gate's Newton/IRLS loop to convergence (up to 300 steps), which ``gate_steps=300`` reproduces. The gate's log-weights at the accepted point are carried
   into the next E-step, so each iteration evaluates the gate once per trial point and no more.
 
 Both M-steps never decrease their objectives, so ℓ(θ_t) never decreases.
@@ -60,6 +60,9 @@ class EMConfig:
         gate_steps: damped Newton steps on the gate per iteration (1: generalised EM; the authors
             iterate to convergence, up to 300).
         expert_steps: Newton steps for experts without a closed-form M-step.
+        inner_tol: the gate's (and such experts') Newton loop stops early once a step gains at most
+            ``inner_tol``·|Q| (:func:`moe_theory.fit.newton.newton_ascent`), so ``gate_steps=300``
+            costs only the steps that still move.
         max_halvings: step halvings tried per Newton step.
         variance_floor: lower bound on fitted Gaussian variances; 0 returns the exact MLE, under
             which an over-fitted expert may collapse onto one point (reported as ``finite=False``).
@@ -71,6 +74,7 @@ class EMConfig:
     max_iter: int = 2000
     gate_steps: int = 1
     expert_steps: int = 1
+    inner_tol: float = 1e-12
     max_halvings: int = 20
     variance_floor: float = 0.0
     fast_path: bool = True
@@ -80,6 +84,8 @@ class EMConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (1 if name == "max_iter" else 0):
                 raise ValueError(f"{name}: expected a non-negative integer (max_iter ≥ 1), got {value!r}")
+        if not self.inner_tol >= 0:
+            raise ValueError(f"inner_tol: expected ≥ 0, got {self.inner_tol!r}")
         if not self.variance_floor >= 0:
             raise ValueError(f"variance_floor: expected ≥ 0, got {self.variance_floor!r}")
         if not isinstance(self.fast_path, bool):
@@ -132,7 +138,9 @@ def expert_mstep(family: Family, config: EMConfig, params: MoEParams, x, y, omeg
 
         start = unconstrain(fields, params.expert)
         free = {name: jnp.ones_like(value) for name, value in start.items()}
-        updated, _, _ = newton_ascent(objective, start, free, config.expert_steps, config.max_halvings)
+        updated, _, _ = newton_ascent(
+            objective, start, free, config.expert_steps, config.max_halvings, tolerance=config.inner_tol
+        )
         new = constrain(fields, updated)
         if "nu" in new:
             new["nu"] = jnp.maximum(new["nu"], config.variance_floor)
@@ -221,6 +229,7 @@ def gate_mstep(family: Family, config: EMConfig, params: MoEParams, log_gate, x,
         config.gate_steps,
         config.max_halvings,
         derivatives=_gate_derivatives(family, x, omega, total),
+        tolerance=config.inner_tol,
     )
     return constrain(fields, updated), log_pi
 

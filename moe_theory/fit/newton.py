@@ -116,19 +116,27 @@ def newton_ascent(
     num_steps: int,
     max_halvings: int = 20,
     derivatives: Callable[[dict], tuple] | None = None,
+    tolerance: float = 0.0,
 ) -> tuple[dict, jnp.ndarray, jnp.ndarray]:
-    """Maximise ``objective`` from ``start`` by ``num_steps`` damped Newton steps on the free coordinates.
+    """Maximise ``objective`` from ``start`` by at most ``num_steps`` damped Newton steps on the free coordinates.
+
+    The loop stops early after a step whose gain Q(u_new) − Q(u_old) is at most
+    ``tolerance``·|Q(u_old)| (when ``tolerance > 0``), or that no halving could make ascend. A step
+    that was not accepted leaves a fixed point (the next step would compute the same direction and
+    fail the same way), so with ``tolerance = 0`` the result is exactly that of all ``num_steps``
+    steps.
 
     Args:
         objective: u ↦ (Q(u), aux); aux is any array computed alongside Q (the E-step reuses the
             gate's log-weights at the accepted point, so they are not recomputed).
         start: unconstrained parameter dict.
         free: dict of the same structure, 1 where a coordinate may move and 0 where it is fixed.
-        num_steps: number of Newton steps (static).
+        num_steps: the most Newton steps (static).
         max_halvings: at most this many step halvings per step.
         derivatives: optional u ↦ (Q, aux, ∇Q, ∇²Q) with gradient and Hessian flattened in
             ``ravel_pytree`` order, for objectives with exploitable structure; by default one
             forward-over-reverse automatic-differentiation pass.
+        tolerance: relative gain at or below which the loop stops (static).
 
     Returns:
         (u, Q(u), aux(u)) at the last accepted point; Q never decreases along the way.
@@ -150,8 +158,8 @@ def newton_ascent(
         hessian, (value, aux, gradient) = jax.jacfwd(gradient_with_value, has_aux=True)(flat)
         return value, aux, gradient, hessian
 
-    def one_step(_, carry):
-        flat, _, _ = carry
+    def one_step(carry):
+        step, flat, _, _, _ = carry
         value, aux, gradient, hessian = flat_derivatives(flat)
         gradient = gradient * flat_free
         hessian = hessian * flat_free[:, None] * flat_free[None, :]
@@ -173,11 +181,20 @@ def newton_ascent(
             keep_halving, try_step, try_step(initial)
         )
         accept = improved & jnp.isfinite(candidate_value)
+        moving = accept
+        if tolerance > 0:
+            moving = moving & (candidate_value - value > tolerance * jnp.abs(value))
         return (
+            step + 1,
             jnp.where(accept, candidate, flat),
             jnp.where(accept, candidate_value, value),
             jax.tree_util.tree_map(lambda new, old: jnp.where(accept, new, old), candidate_aux, aux),
+            moving,
         )
+
+    def keep_stepping(carry):
+        step, _, _, _, moving = carry
+        return (step < num_steps) & moving
 
     if num_steps == 0:
         value, aux = flat_objective(flat_start)
@@ -186,5 +203,6 @@ def newton_ascent(
     # the step is traced once, whatever num_steps is.
     value_shape, aux_shape = jax.eval_shape(flat_objective, flat_start)
     placeholders = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (value_shape, aux_shape))
-    flat, value, aux = jax.lax.fori_loop(0, num_steps, one_step, (flat_start, *placeholders))
+    start_carry = (jnp.asarray(0), flat_start, *placeholders, jnp.asarray(True))
+    _, flat, value, aux, _ = jax.lax.while_loop(keep_stepping, one_step, start_carry)
     return unravel(flat), value, aux
