@@ -62,6 +62,7 @@ import numpy as np
 import yaml
 
 from .experts import GaussianLinear
+from .fit.em import LIKELIHOODS, check_joint_likelihood
 from .gates import GATES, Gate
 from .init import NearTruthNoise
 from .losses import EXPONENT_TABLES, TRANSLATIONS, atom_spec
@@ -360,6 +361,7 @@ class FitSettings:
     inner_tol: float
     max_halvings: int
     variance_floor: float
+    likelihood: str
     dtype: str
 
 
@@ -524,6 +526,7 @@ class StudyConfig:
                 "inner_tol": fit.inner_tol,
                 "max_halvings": fit.max_halvings,
                 "variance_floor": fit.variance_floor,
+                "likelihood": fit.likelihood,
                 "dtype": fit.dtype,
             },
             "metrics": {
@@ -571,7 +574,8 @@ def _plain(value: Any) -> Any:
 # Sections.
 
 _TOP_KEYS = ("name", "description", "seed", "model", "inputs", "sample_sizes", "replicates", "fit", "metrics", "rates", "sweep")
-_FIT_KEYS = GRID_AXES + ("near_truth", "tol", "max_iter", "expert_steps", "inner_tol", "max_halvings", "variance_floor", "dtype")
+_FIT_KEYS = GRID_AXES + ("near_truth", "tol", "max_iter", "expert_steps", "inner_tol", "max_halvings", "variance_floor",
+                             "likelihood", "dtype")
 
 
 _MODEL_ERROR_PATH = re.compile(r"^(?:model\.)?([A-Za-z_][A-Za-z0-9_.]*(?:\[\d+\])*)")
@@ -656,6 +660,7 @@ def _parse_fit(ctx: _Context, raw: Any, num_true: int) -> FitSettings:
         inner_tol=_float(ctx, fit.get("inner_tol", 1e-12), "fit.inner_tol", minimum=0),
         max_halvings=_int(ctx, fit.get("max_halvings", 20), "fit.max_halvings", minimum=0),
         variance_floor=_float(ctx, fit.get("variance_floor", 0.0), "fit.variance_floor", minimum=0),
+        likelihood=_choice(ctx, fit.get("likelihood", "conditional"), "fit.likelihood", LIKELIHOODS),
         dtype=_choice(ctx, fit.get("dtype", "float64"), "fit.dtype", DTYPES),
     )
 
@@ -844,6 +849,13 @@ def parse_config(data: Any, source: str = "<dict>", lines: Mapping[str, int] | N
     sample_sizes = expand_sample_sizes(top["sample_sizes"], ctx)
     replicates = _int(ctx, top["replicates"], "replicates", minimum=1)
     fit = _parse_fit(ctx, fit_raw, family.num_experts)
+    if fit.likelihood == "joint":
+        try:
+            check_joint_likelihood(family)
+        except ValueError as error:
+            raise ctx.error("fit.likelihood", str(error)) from None
+        if "mle" in fit.method:
+            raise ctx.error("fit.method", "'mle' maximises the conditional likelihood; with fit.likelihood: joint use 'em'")
     metrics = _parse_metrics(ctx, top.get("metrics"), fit, family.num_experts)
     rates = _parse_rates(ctx, top.get("rates"), family)
 

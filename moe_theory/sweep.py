@@ -160,6 +160,7 @@ def _em_config(config: StudyConfig, group: FitGroup) -> EMConfig:
         inner_tol=fit.inner_tol,
         max_halvings=fit.max_halvings,
         variance_floor=fit.variance_floor,
+        likelihood=fit.likelihood,
     )
 
 

@@ -88,6 +88,10 @@ def test_inconsistent_models_stop_before_any_work(tmp_path):
     assert "inputs: the grid input distribution needs d = 1" in error_of(
         path, ["model.params.gate.beta1=[[1, 2], [0, 0]]", "model.params.expert.a=[[1, 2], [0, 0]]"]
     )
+    assert "fit.likelihood: likelihood='joint' needs the plain Gaussian gate" in error_of(path, ["fit.likelihood=joint"])
+    assert "fit.likelihood: expected one of ['conditional', 'joint'], got 'marginal'" in error_of(
+        path, ["fit.likelihood=marginal"]
+    )
     assert "rates.compare[0]: ('softmax_gaussian', 'exact', 'D9') is not in the theoretical-rate registry" in error_of(
         path, ["rates.compare=[{metric: D1, setting: exact, quantity: D9}]"]
     )

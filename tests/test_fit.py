@@ -306,3 +306,73 @@ def test_inner_newton_tolerance_stops_early_at_the_same_optimum():
     # The oracle: scikit-learn's unpenalised logistic regression on the same data.
     reference = LogisticRegression(penalty=None, fit_intercept=False, tol=1e-12, max_iter=10_000).fit(features, labels)
     np.testing.assert_allclose(full["w"], reference.coef_[0], rtol=1e-5)
+
+
+def _joint_em_reference(x, y, weight, centre, variance, a, b, nu, iterations):
+    """Plain NumPy/scipy EM on the joint likelihood Σ_i w_i N(x | c_i, Γ_i) N(y | a_i x + b_i, ν_i), d = 1."""
+    from scipy.stats import norm
+
+    path = []
+    for _ in range(iterations):
+        joint = weight * norm.pdf(x[:, None], centre, np.sqrt(variance)) * norm.pdf(y[:, None], a * x[:, None] + b, np.sqrt(nu))
+        path.append(np.mean(np.log(joint.sum(axis=1))))
+        r = joint / joint.sum(axis=1, keepdims=True)
+        mass = r.sum(axis=0)
+        weight = mass / len(x)
+        centre = (r * x[:, None]).sum(axis=0) / mass
+        variance = (r * (x[:, None] - centre) ** 2).sum(axis=0) / mass
+        for i in range(len(weight)):
+            design = np.column_stack([x, np.ones_like(x)])
+            a[i], b[i] = np.linalg.solve(design.T @ (r[:, i, None] * design), design.T @ (r[:, i] * y))
+        nu = (r * (y[:, None] - a * x[:, None] - b) ** 2).sum(axis=0) / mass
+    return weight, centre, variance, a, b, nu, path
+
+
+def test_joint_likelihood_em_equals_a_numpy_reference():
+    """Gaussian-gate joint-likelihood EM [8]: iterates equal a plain NumPy EM, and ℓ is the joint log-density."""
+    spec = {"gate": "gaussian", "expert": "gaussian", "params": {
+        "gate": {"weight": [0.3, 0.4, 0.3], "centre": [[-0.1], [0.1], [0.5]], "covariance": [[[0.04]], [[0.02]], [[0.01]]]},
+        "expert": {"a": [[0.4], [-0.7], [0.0]], "b": [0.34, -0.33, 0.2], "nu": [0.009, 0.026, 0.0175]}}}
+    family, truth = mt.model_from_dict(spec)
+    x, y, _ = mt.sample(jax.random.key(2), family, truth, 2000, mt.make_inputs({"name": "gaussian_mixture", "from_gate": True}))
+    start = truth._replace(
+        gate={"weight": jnp.array([0.2, 0.5, 0.3]), "centre": jnp.array([[-0.2], [0.2], [0.4]]),
+              "covariance": jnp.array([[[0.05]], [[0.05]], [[0.05]]])},
+        expert={"a": jnp.array([[0.0], [0.0], [0.1]]), "b": jnp.array([0.3, -0.2, 0.1]), "nu": jnp.array([0.02, 0.02, 0.02])},
+    )
+    config = EMConfig(likelihood="joint")
+    for iterations in (1, 5, 30):
+        ours = fit_em(family, start, x, y, tol=-1.0, config=EMConfig(max_iter=iterations, likelihood="joint"))
+        weight, centre, variance, a, b, nu, _ = _joint_em_reference(
+            np.asarray(x[:, 0]), np.asarray(y), np.array([0.2, 0.5, 0.3]), np.array([-0.2, 0.2, 0.4]),
+            np.full(3, 0.05), np.array([0.0, 0.0, 0.1]), np.array([0.3, -0.2, 0.1]), np.full(3, 0.02), iterations,
+        )
+        np.testing.assert_allclose(ours.params.gate["weight"], weight, rtol=1e-9)
+        np.testing.assert_allclose(ours.params.gate["centre"][:, 0], centre, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(ours.params.gate["covariance"][:, 0, 0], variance, rtol=1e-9)
+        np.testing.assert_allclose(ours.params.expert["a"][:, 0], a, rtol=1e-8, atol=1e-11)
+        np.testing.assert_allclose(ours.params.expert["b"], b, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(ours.params.expert["nu"], nu, rtol=1e-9)
+    # ℓ reported after the final E-step is the joint log-density of the returned parameters.
+    *_, path = _joint_em_reference(
+        np.asarray(x[:, 0]), np.asarray(y), np.asarray(ours.params.gate["weight"]), np.asarray(ours.params.gate["centre"][:, 0]),
+        np.asarray(ours.params.gate["covariance"][:, 0, 0]), np.asarray(ours.params.expert["a"][:, 0]).copy(),
+        np.asarray(ours.params.expert["b"]).copy(), np.asarray(ours.params.expert["nu"]), 1,
+    )
+    np.testing.assert_allclose(ours.log_likelihood, path[0], rtol=1e-12)
+    # The joint trace never decreases, and a long fit recovers the truth (centres and covariances included).
+    _, trace = fit_em_trace(family, start, x, y, tol=-1.0, config=EMConfig(max_iter=200, likelihood="joint"))
+    trace = np.asarray(trace)
+    assert np.all(np.diff(trace[np.isfinite(trace)]) >= -1e-12)
+    x_big, y_big, _ = mt.sample(jax.random.key(3), family, truth, 40_000, mt.make_inputs({"name": "gaussian_mixture", "from_gate": True}))
+    fitted = fit_em(family, truth, x_big, y_big, tol=1e-10, config=EMConfig(max_iter=2000, likelihood="joint"))
+    assert bool(fitted.converged)
+    for group in ("gate", "expert"):
+        for name, value in getattr(truth, group).items():
+            np.testing.assert_allclose(getattr(fitted.params, group)[name], value, atol=0.05 * float(np.max(np.abs(value))) + 2e-3)
+    with pytest.raises(ValueError, match="plain Gaussian gate"):
+        fit_em(mt.make_family("softmax", "gaussian", 2, 1), mt.make_params(mt.make_family("softmax", "gaussian", 2, 1), {
+            "gate": {"beta0": [0.0, 0.0], "beta1": [[1.0], [0.0]]}, "expert": {"a": [[1.0], [0.0]], "b": [0.0, 1.0], "nu": [1.0, 1.0]}}),
+            x, y, config=config)
+    with pytest.raises(ValueError, match="likelihood"):
+        EMConfig(likelihood="marginal")

@@ -43,6 +43,8 @@ def _fit_one(family: Family, method: str, config: EMConfig, params0, x, y, weigh
     if method == "em":
         return fit_em(family, params0, x, y, weights, tol, config)
     if method == "mle":
+        if config.likelihood != "conditional":
+            raise ValueError("method 'mle' maximises the conditional likelihood; likelihood='joint' is fitted by EM")
         return fit_mle(family, params0, x, y, weights, tol, config.max_iter)
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 

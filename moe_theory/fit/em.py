@@ -24,6 +24,15 @@ returned parameters, as scikit-learn does.
 Everything is pure and jit/vmap-clean: ``tol`` is traced (changing it does not recompile), the
 family and the iteration bounds are static.
 
+**Joint likelihood of the Gaussian gate** [8]. With the Gaussian gate π_i(x) ∝ w_i N(x | c_i, Γ_i)
+and Σ_i w_i = 1, the pair (x, y) has the joint density p(x, y) = Σ_i w_i N(x | c_i, Γ_i) f(y | x; η_i)
+(x drawn from the gate's own mixture, as in [8]). The conditional likelihood identifies the gate
+only up to a common shift of the quadratic log-scores (all Γ_i and c_i move together), so [8]'s
+parameters are estimated from the joint likelihood: ``EMConfig(likelihood="joint")``. Its
+responsibilities are the same r_{ji}; the E-step adds log p(x_j) to ℓ_j, and the gate M-step is the
+closed form of a Gaussian mixture: w_i = Σ_j ω_{ji} / Σ_j w_j, c_i the ω-weighted mean of x and
+Γ_i the ω-weighted covariance about c_i. The reported log-likelihood is then the joint one.
+
 **Fast path.** For the plain softmax gate with Gaussian-linear experts (small k and d, one gate
 step per iteration) :func:`fit_em` and :func:`fit_em_trace` run :mod:`moe_theory.fit.fast`, which
 computes the same iteration in one fused pass over the data per iteration; both paths share the
@@ -32,6 +41,8 @@ generic iteration.
 
 [1] Nguyen, Nguyen, Ho, "Demystifying Softmax Gating Function in Gaussian Mixture of Experts",
 NeurIPS 2023, arXiv 2305.03288.
+[8] Nguyen, Nguyen, Nguyen, Ho, "Towards Convergence Rates for Parameter Estimation in
+Gaussian-gated Mixture of Experts", AISTATS 2024, arXiv 2305.07572.
 """
 
 from __future__ import annotations
@@ -45,10 +56,14 @@ import jax.numpy as jnp
 
 from jax.flatten_util import ravel_pytree
 
+from .. import linalg
 from ..gates import NORMALISERS, gate_scores, log_gate_weights, normalise, selection_mask
 from ..models import Family, canonicalize, weighted_sum
 from ..params import MoEParams
 from .newton import constrain, gate_free_mask, newton_ascent, unconstrain
+
+
+LIKELIHOODS = ("conditional", "joint")
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,8 @@ class EMConfig:
         max_halvings: step halvings tried per Newton step.
         variance_floor: lower bound on fitted Gaussian variances; 0 returns the exact MLE, under
             which an over-fitted expert may collapse onto one point (reported as ``finite=False``).
+        likelihood: ``"conditional"`` (log p(y | x), the default) or ``"joint"`` (log p(x, y) under
+            the Gaussian gate's input mixture [8]; plain Gaussian gate only, see the module docstring).
         fast_path: use :mod:`moe_theory.fit.fast` where it applies (softmax gate without
             activation, temperature or top-K, Gaussian-linear experts, 2 ≤ k ≤ 6, d ≤ 4,
             ``gate_steps == 1``). It computes the same iteration; False forces the generic path.
@@ -77,6 +94,7 @@ class EMConfig:
     inner_tol: float = 1e-12
     max_halvings: int = 20
     variance_floor: float = 0.0
+    likelihood: str = "conditional"
     fast_path: bool = True
 
     def __post_init__(self) -> None:
@@ -88,6 +106,8 @@ class EMConfig:
             raise ValueError(f"inner_tol: expected ≥ 0, got {self.inner_tol!r}")
         if not self.variance_floor >= 0:
             raise ValueError(f"variance_floor: expected ≥ 0, got {self.variance_floor!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood: expected one of {LIKELIHOODS}, got {self.likelihood!r}")
         if not isinstance(self.fast_path, bool):
             raise ValueError(f"fast_path: expected True or False, got {self.fast_path!r}")
 
@@ -212,7 +232,47 @@ def _gate_derivatives(family: Family, x, omega, total):
     return derivatives
 
 
+def check_joint_likelihood(family: Family) -> None:
+    """Raise unless ``family`` has the plain Gaussian gate that the joint likelihood needs."""
+    gate = family.gate
+    plain = (gate.score == "gaussian" and gate.normaliser == "softmax" and gate.transform is None
+             and gate.activation is None and gate.temperature is None
+             and (gate.top_k is None or gate.top_k >= family.num_experts))
+    if not plain:
+        raise ValueError(
+            "likelihood='joint' needs the plain Gaussian gate (preset 'gaussian': π_i ∝ w_i N(x | c_i, Γ_i), "
+            f"without transform, activation, temperature or top-K); got {gate}"
+        )
+
+
+def joint_log_gate(family: Family, gate_params, x) -> jnp.ndarray:
+    """log(w_i N(x_j | c_i, Γ_i)), (n, k): the gate's full scores, which the joint E-step uses unnormalised."""
+    return gate_scores(family.gate, gate_params, x)[1]
+
+
+def gaussian_gate_mstep(family: Family, config: EMConfig, params: MoEParams, x, omega, total):
+    """Closed-form joint-likelihood M-step of the Gaussian gate [8] (see the module docstring).
+
+    A component with no responsibility, or whose covariance is not positive definite (fewer
+    distinct points than dimensions), keeps its previous centre and covariance.
+    """
+    mass = jnp.sum(omega, axis=0)  # (k,)
+    centre = jnp.einsum("nk,nd->kd", omega, x) / mass[:, None]
+    residual = x[:, None, :] - centre[None]  # (n, k, d)
+    covariance = jnp.einsum("nk,nkd,nke->kde", omega, residual, residual) / mass[:, None, None]
+    covariance = covariance + config.variance_floor * jnp.eye(x.shape[1], dtype=x.dtype)
+    valid = (mass > 0) & jnp.all(jnp.isfinite(linalg.cholesky(covariance)), axis=(1, 2))
+    gate = {
+        "weight": mass / total,
+        "centre": jnp.where(valid[:, None], centre, params.gate["centre"]),
+        "covariance": jnp.where(valid[:, None, None], covariance, params.gate["covariance"]),
+    }
+    return gate, joint_log_gate(family, gate, x)
+
+
 def gate_mstep(family: Family, config: EMConfig, params: MoEParams, log_gate, x, omega, total):
+    if config.likelihood == "joint":
+        return gaussian_gate_mstep(family, config, params, x, omega, total)
     fields = family.gate.fields
 
     def objective(unconstrained):
@@ -273,7 +333,7 @@ def _has_converged(state, tol) -> jnp.ndarray:
     return relative_change_converged(state.log_likelihood, state.previous, state.iteration, tol)
 
 
-def _prepare(family: Family, params0: MoEParams, x, y, weights):
+def _prepare(family: Family, config: EMConfig, params0: MoEParams, x, y, weights):
     dtype = jax.tree_util.tree_leaves(params0)[0].dtype
     weights = jnp.ones(x.shape[0], dtype) if weights is None else jnp.asarray(weights, dtype)
     padded = weights > 0
@@ -281,7 +341,11 @@ def _prepare(family: Family, params0: MoEParams, x, y, weights):
     x = jnp.where(padded[:, None], x, 0.0).astype(dtype)
     y = jnp.where(padded, y, 0).astype(y.dtype)
     params0 = canonicalize(family, params0)
-    log_gate = log_gate_weights(family.gate, params0.gate, x)
+    if config.likelihood == "joint":
+        check_joint_likelihood(family)
+        log_gate = joint_log_gate(family, params0.gate, x)
+    else:
+        log_gate = log_gate_weights(family.gate, params0.gate, x)
     nan = jnp.asarray(jnp.nan, dtype)
     state = _State(params0, log_gate, nan, nan, jnp.asarray(0), _all_finite(params0))
     return x, y, weights, jnp.sum(weights), state
@@ -301,7 +365,7 @@ def _finish(family: Family, state: _State, converged, x, y, weights, total) -> F
 
 def _generic_problem(family: Family, config: EMConfig, params0: MoEParams, x, y, weights):
     """(initial state, iterate, finish) of this module's generic iteration, for the drivers below."""
-    x, y, weights, total, initial = _prepare(family, params0, x, y, weights)
+    x, y, weights, total, initial = _prepare(family, config, params0, x, y, weights)
 
     def iterate(state: _State, active) -> _State:
         del active  # the generic iteration has no replicate-dependent work to skip

@@ -115,6 +115,7 @@ def fast_path_applies(family: Family, config: EMConfig) -> bool:
     dense = gate.top_k is None or gate.top_k >= family.num_experts
     return bool(
         config.fast_path
+        and config.likelihood == "conditional"
         and config.gate_steps == 1
         and gate.score == "linear"
         and gate.normaliser == "softmax"
@@ -494,7 +495,7 @@ def fast_em_problem(family: Family, config: EMConfig, params0: MoEParams, x, y, 
     gate step, runs the final E-step and returns the :class:`FitResult`.
     """
     unit_weights = weights is None
-    x, y, weights, total, generic = _prepare(family, params0, x, y, weights)
+    x, y, weights, total, generic = _prepare(family, config, params0, x, y, weights)
     data = _columns(x, y, None if unit_weights else weights, family.gate.transform)
     start = generic.params
     gate0 = jnp.concatenate([start.gate["beta0"][:-1, None], start.gate["beta1"][:-1]], axis=1)
