@@ -56,6 +56,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     import jax
 
     from .fit import EMConfig, fit
+    from .fit.em import check_joint_likelihood
     from .models import make_family
     from .params import params_to_dict
 
@@ -64,7 +65,11 @@ def _fit_command(args: argparse.Namespace) -> int:
     expert = json.loads(args.expert) if args.expert.startswith("{") else args.expert
     try:
         family = make_family(gate, expert, args.num_experts, x.shape[1], args.num_classes)
-        config = EMConfig(max_iter=args.max_iter, gate_steps=args.gate_steps)
+        config = EMConfig(max_iter=args.max_iter, gate_steps=args.gate_steps, likelihood=args.likelihood)
+        if args.likelihood == "joint":
+            check_joint_likelihood(family)
+            if args.method != "em":
+                raise ValueError("--likelihood joint is fitted by EM; use --method em")
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if family.expert.is_classifier:
@@ -76,6 +81,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     report = {
         "family": family.describe(),
         "method": args.method,
+        "likelihood": args.likelihood,
         "n": int(x.shape[0]),
         "log_likelihood": float(result.log_likelihood),
         "n_iter": int(result.n_iter),
@@ -298,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--tol", type=float, default=1e-6, help="relative log-likelihood tolerance")
     fit_parser.add_argument("--max-iter", type=int, default=2000)
     fit_parser.add_argument("--gate-steps", type=int, default=1, help="gate Newton steps per EM iteration")
+    fit_parser.add_argument(
+        "--likelihood", choices=("conditional", "joint"), default="conditional",
+        help="log p(y|x) (default), or log p(x,y) for the Gaussian gate (paper 8)",
+    )
     fit_parser.add_argument("--seed", type=int, default=0)
     fit_parser.add_argument("--out", help="write the JSON here instead of printing it")
     fit_parser.set_defaults(handler=_fit_command)

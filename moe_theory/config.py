@@ -29,6 +29,9 @@ Conventions
   :data:`moe_theory.losses.EXPONENT_TABLES`. Each loss can be computed under several translations
   (``infimum``, ``mass``, ``none``); the column for ``metrics.translation`` (default ``infimum``) is
   the loss's plain name (``D2``), any other translation gets a suffix (``D2_none``).
+* **Top-K fits.** ``fit.top_k`` sets the number K̄ of active experts of the fitted top-K gate when it
+  differs from the true K (an over-specified fit whose K̄ covers the true top-K cells [2]); the
+  density distances then compare the two gates as they are.
 * **Per-parameter errors** (``metrics.parameter_errors``) are measured at the ``mass``
   translation by default, whatever the losses use: t₁ = 0 keeps the gate slopes in the canonical
   frame (reference expert at 0) in which they are identified, and t₀ matches the total mass so that
@@ -362,6 +365,7 @@ class FitSettings:
     max_halvings: int
     variance_floor: float
     likelihood: str
+    top_k: int | None
     dtype: str
 
 
@@ -463,7 +467,11 @@ class StudyConfig:
         return tuple(groups)
 
     def fitted_family(self, group: FitGroup) -> Family:
-        return dataclasses.replace(self.true_family, num_experts=group.num_experts)
+        """The family a group fits: the true one with k experts, and K̄ = ``fit.top_k`` active ones if set."""
+        family = dataclasses.replace(self.true_family, num_experts=group.num_experts)
+        if self.fit.top_k is not None:
+            family = dataclasses.replace(family, gate=dataclasses.replace(family.gate, top_k=self.fit.top_k))
+        return family
 
     def is_exact(self, group: FitGroup) -> bool:
         return group.num_experts == self.num_true
@@ -527,6 +535,7 @@ class StudyConfig:
                 "max_halvings": fit.max_halvings,
                 "variance_floor": fit.variance_floor,
                 "likelihood": fit.likelihood,
+                "top_k": fit.top_k,
                 "dtype": fit.dtype,
             },
             "metrics": {
@@ -575,7 +584,7 @@ def _plain(value: Any) -> Any:
 
 _TOP_KEYS = ("name", "description", "seed", "model", "inputs", "sample_sizes", "replicates", "fit", "metrics", "rates", "sweep")
 _FIT_KEYS = GRID_AXES + ("near_truth", "tol", "max_iter", "expert_steps", "inner_tol", "max_halvings", "variance_floor",
-                             "likelihood", "dtype")
+                             "likelihood", "top_k", "dtype")
 
 
 _MODEL_ERROR_PATH = re.compile(r"^(?:model\.)?([A-Za-z_][A-Za-z0-9_.]*(?:\[\d+\])*)")
@@ -661,6 +670,7 @@ def _parse_fit(ctx: _Context, raw: Any, num_true: int) -> FitSettings:
         max_halvings=_int(ctx, fit.get("max_halvings", 20), "fit.max_halvings", minimum=0),
         variance_floor=_float(ctx, fit.get("variance_floor", 0.0), "fit.variance_floor", minimum=0),
         likelihood=_choice(ctx, fit.get("likelihood", "conditional"), "fit.likelihood", LIKELIHOODS),
+        top_k=None if fit.get("top_k") is None else _int(ctx, fit["top_k"], "fit.top_k", minimum=1),
         dtype=_choice(ctx, fit.get("dtype", "float64"), "fit.dtype", DTYPES),
     )
 
@@ -849,6 +859,9 @@ def parse_config(data: Any, source: str = "<dict>", lines: Mapping[str, int] | N
     sample_sizes = expand_sample_sizes(top["sample_sizes"], ctx)
     replicates = _int(ctx, top["replicates"], "replicates", minimum=1)
     fit = _parse_fit(ctx, fit_raw, family.num_experts)
+    if fit.top_k is not None and family.gate.top_k is None:
+        raise ctx.error("fit.top_k", f"the true gate ({family.gate.describe()}) is not a top-K gate; fit.top_k sets the "
+                        "number K̄ of active experts of a fitted top-K gate")
     if fit.likelihood == "joint":
         try:
             check_joint_likelihood(family)

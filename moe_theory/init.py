@@ -66,13 +66,17 @@ def near_truth_init(
     assignment: Sequence[int] | None = None,
 ) -> MoEParams:
     """A start near the truth for a fitted family with k ≥ k* experts (see the module docstring)."""
-    if (family.gate, family.expert, family.dim, family.num_classes) != (
-        true_family.gate,
+    # A top-K fit may activate another number K̄ of experts than the truth [2]; the fields are the same.
+    if (replace(family.gate, top_k=None), family.expert, family.dim, family.num_classes) != (
+        replace(true_family.gate, top_k=None),
         true_family.expert,
         true_family.dim,
         true_family.num_classes,
     ):
-        raise ValueError("near_truth_init: the fitted and true families must differ only in the number of experts")
+        raise ValueError(
+            "near_truth_init: the fitted and true families must differ only in the number of experts "
+            "(and, for top-K gates, the number of active experts)"
+        )
     assignment = tuple(assignment) if assignment is not None else default_assignment(family.num_experts, true_family.num_experts)
     if len(assignment) != family.num_experts or not all(0 <= a < true_family.num_experts for a in assignment):
         raise ValueError(

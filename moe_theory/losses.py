@@ -775,10 +775,10 @@ def _log_mixture_density(
     return jax.nn.logsumexp(log_gate[None, :] + expert_log_prob(family, params, inputs, y), axis=1)
 
 
-def _regression_distances_at(family, fitted, truth, grid_points, legendre, x):
+def _regression_distances_at(family, fitted_family, fitted, truth, grid_points, legendre, x):
     """(H², TV) between p̂(·|x) and p*(·|x) for a single x of shape (d,)."""
     x = x[None, :]
-    log_gates = [gate_log_weights(family, params, x)[0] for params in (fitted, truth)]
+    log_gates = [gate_log_weights(f, params, x)[0] for f, params in ((fitted_family, fitted), (family, truth))]
 
     def log_densities(y):
         pairs = zip((fitted, truth), log_gates)
@@ -824,19 +824,19 @@ def _regression_distances_at(family, fitted, truth, grid_points, legendre, x):
     return squared_hellinger, total_variation
 
 
-def _regression_distances(family, fitted, truth, x, grid_size, num_quadrature):
+def _regression_distances(family, fitted_family, fitted, truth, x, grid_size, num_quadrature):
     for params, what in ((fitted, "fitted"), (truth, "truth")):
         if "nu" not in params.expert:
             raise ValueError(f"density_distances: {what}.expert has no noise variance 'nu'; regression experts need one")
     grid_points = jnp.linspace(-_GRID_HALF_WIDTH, _GRID_HALF_WIDTH, grid_size)
     legendre = tuple(jnp.asarray(a) for a in np.polynomial.legendre.leggauss(num_quadrature))
-    at = partial(_regression_distances_at, family, fitted, truth, grid_points, legendre)
+    at = partial(_regression_distances_at, family, fitted_family, fitted, truth, grid_points, legendre)
     # lax.map over chunks of inputs bounds the memory (nodes × experts per input) independently of num_inputs.
     return jax.lax.map(at, x, batch_size=min(_INPUT_CHUNK, x.shape[0]))
 
 
-def _classification_distances(family, fitted, truth, x):
-    fitted_probs = mean_function(family, fitted, x)
+def _classification_distances(family, fitted_family, fitted, truth, x):
+    fitted_probs = mean_function(fitted_family, fitted, x)
     true_probs = mean_function(family, truth, x)
     squared_hellinger = 0.5 * jnp.sum((jnp.sqrt(fitted_probs) - jnp.sqrt(true_probs)) ** 2, axis=-1)
     total_variation = 0.5 * jnp.sum(jnp.abs(fitted_probs - true_probs), axis=-1)
@@ -849,23 +849,27 @@ def _mean_and_standard_error(values: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndar
     return jnp.mean(values), spread / math.sqrt(count)
 
 
-def _density_distances_one(family, grid_size, num_quadrature, x, fitted, truth) -> DensityDistances:
+def _density_distances_one(family, fitted_family, grid_size, num_quadrature, x, fitted, truth) -> DensityDistances:
     if family.expert.is_classifier:
-        squared_hellinger, total_variation = _classification_distances(family, fitted, truth, x)
+        squared_hellinger, total_variation = _classification_distances(family, fitted_family, fitted, truth, x)
     else:
-        squared_hellinger, total_variation = _regression_distances(family, fitted, truth, x, grid_size, num_quadrature)
+        squared_hellinger, total_variation = _regression_distances(
+            family, fitted_family, fitted, truth, x, grid_size, num_quadrature
+        )
     hellinger = jnp.sqrt(jnp.clip(squared_hellinger, 0.0, 1.0))
     total_variation = jnp.clip(total_variation, 0.0, 1.0)
     return DensityDistances(*_mean_and_standard_error(hellinger), *_mean_and_standard_error(total_variation))
 
 
-@partial(jax.jit, static_argnames=("family", "inputs", "num_inputs", "grid_size", "num_quadrature"))
-def _density_distances(key, family, fitted, truth, inputs, num_inputs, grid_size, num_quadrature) -> DensityDistances:
+@partial(jax.jit, static_argnames=("family", "fitted_family", "inputs", "num_inputs", "grid_size", "num_quadrature"))
+def _density_distances(
+    key, family, fitted_family, fitted, truth, inputs, num_inputs, grid_size, num_quadrature
+) -> DensityDistances:
     dtype = jax.tree_util.tree_leaves(truth)[0].dtype
     # One set of x draws for every replicate (common random numbers): differences between
     # replicates are then not blurred by independent Monte Carlo noise.
     x = inputs.draw(key, num_inputs, family.dim, dtype, truth)
-    distances = partial(_density_distances_one, family, grid_size, num_quadrature, x)
+    distances = partial(_density_distances_one, family, fitted_family, grid_size, num_quadrature, x)
     for _ in range(_batch_ndim(family, fitted, "fitted")):
         distances = jax.vmap(distances, in_axes=(0, None))
     return distances(fitted, truth)
@@ -880,6 +884,7 @@ def density_distances(
     num_inputs: int = 1000,
     grid_size: int = 16,
     num_quadrature: int = 6,
+    fitted_family: Family | None = None,
 ) -> DensityDistances:
     """E_x[H(p̂(·|x), p*(·|x))] and E_x[TV(p̂(·|x), p*(·|x))], x ~ ``inputs``, with MC standard errors.
 
@@ -895,6 +900,9 @@ def density_distances(
         num_inputs: number of x draws (static).
         grid_size: grid points per mixture component over μ_c ± 10σ_c (regression experts; static).
         num_quadrature: Gauss–Legendre nodes per half grid segment (regression experts; static).
+        fitted_family: the family of ``fitted`` where its gate differs from ``family``'s (a top-K
+            fit with another number K̄ of active experts [2]); same expert and dimension. Default
+            ``family``.
 
     Returns:
         :class:`DensityDistances`, every value in [0, 1]. H uses the ½ convention: H² = ½∫(√p̂ − √p*)².
@@ -907,4 +915,7 @@ def density_distances(
         raise ValueError(f"num_quadrature: expected a positive integer, got {num_quadrature!r}")
     if _batch_ndim(family, truth, "truth") != 0:
         raise ValueError("truth: expected unbatched true parameters (only the fitted parameters may carry batch axes)")
-    return _density_distances(key, family, fitted, truth, inputs, num_inputs, grid_size, num_quadrature)
+    fitted_family = family if fitted_family is None else fitted_family
+    if (fitted_family.expert, fitted_family.dim, fitted_family.num_classes) != (family.expert, family.dim, family.num_classes):
+        raise ValueError("fitted_family: expected the same expert, dimension and classes as family; only the gate may differ")
+    return _density_distances(key, family, fitted_family, fitted, truth, inputs, num_inputs, grid_size, num_quadrature)

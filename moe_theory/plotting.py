@@ -126,10 +126,12 @@ def _statistic_label(config: StudyConfig) -> str:
     return f"{config.rates.statistic} over replicates"
 
 
-def _losses_figure(config: StudyConfig, summary: pd.DataFrame, rates: pd.DataFrame) -> Figure:
+def _losses_figure(config: StudyConfig, summary: pd.DataFrame, rates: pd.DataFrame) -> Figure | None:
+    """The headline figure, or None when no group has a Voronoi loss to draw."""
     figure = Figure(figsize=(6.4, 4.6), layout="constrained")
     ax = figure.add_subplot()
     statistic = config.rates.statistic
+    drawn = False
     for index, group in enumerate(config.groups):
         metric = _main_loss(config, group)
         if metric is None:
@@ -140,6 +142,9 @@ def _losses_figure(config: StudyConfig, summary: pd.DataFrame, rates: pd.DataFra
         regime = "exact" if config.is_exact(group) else "over-fitted"
         _draw_curve(ax, rows, _rate(rates, group, metric), statistic, _COLORS[index % len(_COLORS)],
                     f"{group.label} ({regime}) {metric}", marker="os^vD"[index % 5])
+        drawn = True
+    if not drawn:
+        return None
     _style(ax, f"{config.name}: Voronoi loss against n (k* = {config.num_true}, {config.replicates} replicates)",
            f"loss, {_statistic_label(config)}")
     ax.legend(fontsize=7.5, loc="best", title=_note(config), title_fontsize=6.5)

@@ -348,6 +348,7 @@ def _setup_lines(config: StudyConfig) -> list[str]:
     }
     sizes, fit, metrics, rates = config.sample_sizes, config.fit, config.metrics, config.rates
     losses = ", ".join(column for loss in metrics.losses for column, _ in loss.columns(metrics.translation))
+    losses = f"losses {losses} (plain names use the `{metrics.translation}` translation); " if losses else "no Voronoi losses; "
     parameters = f"per-parameter errors (`{metrics.parameter_translation}` translation); " if metrics.parameter_errors else ""
     density = "density distances " + ", ".join(metrics.density.distances) if metrics.density else "no density distances"
     sizes_used = f"n ≥ {rates.min_n}" if rates.min_n else "all n"
@@ -358,9 +359,9 @@ def _setup_lines(config: StudyConfig) -> list[str]:
         f"- **Sample sizes:** {len(sizes)} values from {sizes[0]} to {sizes[-1]}; {config.replicates} replicates each.",
         f"- **Fits:** {', '.join(g.label for g in config.groups)}; method {'/'.join(fit.method)}, "
         f"init {'/'.join(fit.init)}, n_init {'/'.join(map(str, fit.n_init))}, tol {fit.tol:g}, "
-        f"max_iter {fit.max_iter}, gate Newton steps {'/'.join(map(str, fit.gate_steps))}, {fit.dtype}.",
-        f"- **Metrics:** losses {losses} (plain names use the `{metrics.translation}` translation); "
-        f"{parameters}{density}.",
+        f"max_iter {fit.max_iter}, gate Newton steps {'/'.join(map(str, fit.gate_steps))}, {fit.likelihood} "
+        f"likelihood{'' if fit.top_k is None else f', fitted top-K with K̄ = {fit.top_k} active experts'}, {fit.dtype}.",
+        f"- **Metrics:** {losses}{parameters}{density}.",
         f"- **Rates:** log-log OLS of the per-n {rates.statistic}, {int(round(rates.ci * 100))}% percentile-bootstrap "
         f"CI ({rates.n_boot} resamples), {sizes_used}; verdict tolerance ±{rates.tolerance:g} around the CI; "
         f"theory family `{rates.theory}`.",
@@ -388,9 +389,10 @@ def write_report(run_dir: str | Path) -> Path:
 
     lines += ["## Setup", "", *_setup_lines(config), ""]
 
-    headline = [f for f in figures if f.stem == "losses"]
+    # The loss figure leads; a study without Voronoi losses leads with its other metrics.
+    headline = [f for f in figures if f.stem == "losses"] or [f for f in figures if f.stem == "metrics"]
     if headline:
-        lines += [f"![losses]({storage.FIGURES_DIR}/{headline[0].name})", ""]
+        lines += [f"![{headline[0].stem}]({storage.FIGURES_DIR}/{headline[0].name})", ""]
 
     lines += ["## Measured rates", ""]
     if len(rates):
@@ -428,7 +430,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines.append("- Fits that reached max_iter without meeting the tolerance are kept (the papers' protocol).")
     lines.append("")
 
-    others = [f for f in figures if f.stem != "losses"]
+    others = [f for f in figures if f not in headline]
     if others:
         lines += ["## Figures", ""]
         for figure in others:

@@ -191,7 +191,7 @@ def _fit_program(config: StudyConfig, group: FitGroup, size: int) -> tuple[tuple
 
 
 def _score_program(config: StudyConfig, group: FitGroup) -> tuple[tuple, Callable]:
-    family, metrics = config.true_family, config.metrics
+    family, fitted_family, metrics = config.true_family, config.fitted_family(group), config.metrics
     exact = config.is_exact(group)
     density = metrics.density
 
@@ -220,7 +220,7 @@ def _score_program(config: StudyConfig, group: FitGroup) -> tuple[tuple, Callabl
         if density is not None:
             distances = density_distances(
                 density_key, family, fitted, truth, config.inputs, density.num_inputs, density.grid_size,
-                density.num_quadrature,
+                density.num_quadrature, fitted_family=fitted_family,
             )
             if "hellinger" in density.distances:
                 scores["hellinger"], scores["hellinger_se"] = distances.hellinger, distances.hellinger_se
@@ -228,7 +228,7 @@ def _score_program(config: StudyConfig, group: FitGroup) -> tuple[tuple, Callabl
                 scores["tv"], scores["tv_se"] = distances.total_variation, distances.total_variation_se
         return scores
 
-    signature = ("score", family, group.num_experts, exact, metrics, config.inputs if density else None, config.fit.dtype)
+    signature = ("score", family, fitted_family, exact, metrics, config.inputs if density else None, config.fit.dtype)
     return signature, program
 
 

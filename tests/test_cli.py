@@ -133,3 +133,32 @@ def test_killed_run_resumes_to_the_uninterrupted_table(smoke_run, tmp_path):
     reference = reference[reference.num_experts == 2].dropna(axis=1, how="all").reset_index(drop=True)
     resumed_table = storage.read_table(run_dir)
     pd.testing.assert_frame_equal(resumed_table[reference.columns], reference, check_exact=True)
+
+
+def test_fit_command_fits_a_csv_and_writes_the_estimate_as_json(tmp_path):
+    """`moe-theory fit` on a CSV equals the library's fit of the same arrays, for both likelihoods."""
+    import jax
+    import numpy as np
+
+    import moe_theory as mt
+    from moe_theory.fit import EMConfig, fit
+
+    family, truth = mt.model_from_dict({"gate": "gaussian", "expert": "gaussian", "params": {
+        "gate": {"weight": [0.4, 0.6], "centre": [[-1.0], [1.0]], "covariance": [[[0.5]], [[0.3]]]},
+        "expert": {"a": [[2.0], [-1.0]], "b": [0.5, -0.5], "nu": [0.1, 0.2]}}})
+    x, y, _ = mt.sample(jax.random.key(0), family, truth, 3000, mt.make_inputs({"name": "gaussian_mixture", "from_gate": True}))
+    data = tmp_path / "data.csv"
+    pd.DataFrame({"x1": np.asarray(x[:, 0]), "y": np.asarray(y)}).to_csv(data, index=False)
+    for likelihood in ("conditional", "joint"):
+        out = tmp_path / f"{likelihood}.json"
+        code, _, err = run_cli("fit", "--data", data, "--gate", "gaussian", "-k", "2", "--n-init", "3",
+                               "--likelihood", likelihood, "--out", out)
+        assert code == 0, err
+        written = json.loads(out.read_text())
+        reference = fit(family, np.asarray(x), np.asarray(y), key=jax.random.key(0), n_init=3,
+                        config=EMConfig(likelihood=likelihood))
+        assert written["likelihood"] == likelihood and written["n"] == 3000
+        np.testing.assert_allclose(written["log_likelihood"], float(reference.log_likelihood), rtol=1e-12)
+        np.testing.assert_allclose(sorted(np.ravel(written["params"]["expert"]["a"])), [-1.0, 2.0], atol=0.1)
+    with pytest.raises(SystemExit, match="error: likelihood='joint' needs the plain Gaussian gate"):
+        run_cli("fit", "--data", data, "-k", "2", "--likelihood", "joint")

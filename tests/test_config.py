@@ -89,6 +89,10 @@ def test_inconsistent_models_stop_before_any_work(tmp_path):
         path, ["model.params.gate.beta1=[[1, 2], [0, 0]]", "model.params.expert.a=[[1, 2], [0, 0]]"]
     )
     assert "fit.likelihood: likelihood='joint' needs the plain Gaussian gate" in error_of(path, ["fit.likelihood=joint"])
+    assert "fit.top_k: the true gate (" in error_of(path, ["fit.top_k=2"])
+    top_k = load_config(path, ["model.gate={name: topk_softmax, top_k: 1}", "fit.num_experts=[2, 3]", "fit.top_k=2"])
+    assert [top_k.fitted_family(group).gate.top_k for group in top_k.groups] == [2, 2]
+    assert top_k.true_family.gate.top_k == 1 and parse_config(yaml.safe_load(top_k.to_yaml())) == top_k
     assert "fit.likelihood: expected one of ['conditional', 'joint'], got 'marginal'" in error_of(
         path, ["fit.likelihood=marginal"]
     )

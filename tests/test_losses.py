@@ -658,3 +658,40 @@ def test_density_distances_lie_in_the_unit_interval_and_vanish_at_the_truth():
         assert values[-1] < 1e-12 and 0 < values[0] < 0.05 and values[3] > 0.9
     # TV ≥ H² (the standard inequality H² ≤ TV ≤ H√(2 − H²)) holds pointwise, so on average.
     assert np.all(np.asarray(result.total_variation) + 1e-12 >= np.asarray(result.hellinger) ** 2 - 1e-3)
+
+
+def test_density_distances_compare_a_top_k_fit_with_another_number_of_active_experts():
+    """A fitted top-K̄ gate against a true top-K gate (K̄ ≠ K) [2]: each side keeps its own selection."""
+    truth_values = {"gate": {"beta0": np.array([0.2, -0.1, 0.0]), "beta1": np.array([[2.0], [-1.0], [0.0]])},
+                    "expert": {"a": np.array([[1.0], [-1.0], [0.5]]), "b": np.array([0.5, -0.5, 2.0]),
+                               "nu": np.array([0.2, 0.3, 0.25])}}
+    fit_values = {"gate": {"beta0": np.array([0.1, 0.0, 0.3, 0.0]), "beta1": np.array([[1.8], [-1.2], [0.1], [0.0]])},
+                  "expert": {"a": np.array([[1.1], [-0.9], [0.4], [0.6]]), "b": np.array([0.4, -0.6, 2.1, 1.9]),
+                             "nu": np.array([0.25, 0.3, 0.2, 0.3])}}
+    true_family = mt.make_family({"name": "topk_softmax", "top_k": 1}, "gaussian", 3, 1)
+    fitted_family = mt.make_family({"name": "topk_softmax", "top_k": 2}, "gaussian", 4, 1)
+    inputs = mt.make_inputs({"name": "uniform", "low": -1.0, "high": 1.0})
+    key = jax.random.PRNGKey(2)
+    result = losses.density_distances(key, true_family, to_params(fit_values), to_params(truth_values), inputs, 5,
+                                      fitted_family=fitted_family)
+
+    def density(values, top_k, x, y):
+        slopes = values["gate"]["beta1"][:, 0] * x
+        chosen = np.argsort(-slopes, kind="stable")[:top_k]
+        scores = (values["gate"]["beta0"] + slopes)[chosen]
+        gate = np.exp(scores - scipy.special.logsumexp(scores))
+        means = values["expert"]["a"][chosen, 0] * x + values["expert"]["b"][chosen]
+        return float(np.sum(gate * scipy.stats.norm.pdf(y, means, np.sqrt(values["expert"]["nu"][chosen]))))
+
+    total_variation = []
+    for x in np.asarray(inputs.draw(key, 5, 1, jnp.float64, to_params(truth_values)))[:, 0]:
+        gap = scipy.integrate.quad(lambda y: abs(density(fit_values, 2, x, y) - density(truth_values, 1, x, y)),
+                                   -20, 20, limit=400, epsabs=1e-12, epsrel=1e-10)[0]
+        total_variation.append(0.5 * gap)
+    assert float(result.total_variation) == pytest.approx(np.mean(total_variation), rel=1e-6)
+    # Without fitted_family the fit would be scored under the true K = 1: a different number.
+    same_gate = losses.density_distances(key, true_family, to_params(fit_values), to_params(truth_values), inputs, 5)
+    assert abs(float(same_gate.total_variation) - float(result.total_variation)) > 1e-3
+    with pytest.raises(ValueError, match="only the gate may differ"):
+        losses.density_distances(key, true_family, to_params(fit_values), to_params(truth_values), inputs, 5,
+                                 fitted_family=mt.make_family("softmax", "gaussian", 4, 2))

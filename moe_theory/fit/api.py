@@ -142,6 +142,7 @@ def fit(
     method: str = "em",
     tol: float = 1e-6,
     config: EMConfig = EMConfig(),
+    dtype: Any = None,
 ) -> FitResult:
     """Fit a mixture of experts to one dataset.
 
@@ -156,6 +157,9 @@ def fit(
         method: ``"em"`` (default) or ``"mle"`` (L-BFGS on the log-likelihood).
         tol: relative log-likelihood change at which to stop.
         config: :class:`EMConfig` with ``max_iter``, ``gate_steps`` and the other static settings.
+        dtype: floating dtype of the fit, e.g. ``"float32"``; None uses JAX's default float
+            (float64 once ``jax_enable_x64`` is on, as ``import moe_theory`` sets it). Data and
+            given starts are cast to it.
 
     Returns:
         :class:`FitResult` of the best start: ``params``, ``log_likelihood``, ``n_iter``,
@@ -163,7 +167,9 @@ def fit(
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    dtype = jnp.zeros(()).dtype
+    dtype = jnp.zeros(()).dtype if dtype is None else jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype: expected a floating dtype such as 'float32' or 'float64', got {dtype}")
     x = jnp.asarray(x, dtype)
     x = x[:, None] if x.ndim == 1 else x
     y = jnp.asarray(y, jnp.int32 if family.expert.is_classifier else dtype)
@@ -179,6 +185,7 @@ def fit(
     else:
         leading = jax.tree_util.tree_leaves(init.gate)[0].ndim - len(family.field_shape(family.gate.fields[0]))
         starts = init if leading == 1 else jax.tree_util.tree_map(lambda leaf: leaf[None], init)
+        starts = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, dtype), starts)
     batched = fit_batch(
         family,
         jax.tree_util.tree_map(lambda leaf: leaf[None], starts),

@@ -253,8 +253,9 @@ def joint_log_gate(family: Family, gate_params, x) -> jnp.ndarray:
 def gaussian_gate_mstep(family: Family, config: EMConfig, params: MoEParams, x, omega, total):
     """Closed-form joint-likelihood M-step of the Gaussian gate [8] (see the module docstring).
 
-    A component with no responsibility, or whose covariance is not positive definite (fewer
-    distinct points than dimensions), keeps its previous centre and covariance.
+    ``variance_floor`` is added to the diagonal of every covariance. A component with no
+    responsibility, or whose covariance is not positive definite (fewer distinct points than
+    dimensions), keeps its previous centre and covariance.
     """
     mass = jnp.sum(omega, axis=0)  # (k,)
     centre = jnp.einsum("nk,nd->kd", omega, x) / mass[:, None]

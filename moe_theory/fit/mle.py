@@ -13,7 +13,9 @@ same log-likelihood.
 
 Stopping rule, as in EM: the relative change of ℓ between iterations is at most ``tol``, or
 ``max_iter`` iterations. A NaN stops the loop and is reported ``finite = False``,
-``converged = False``.
+``converged = False``. A run that ends below its starting log-likelihood (L-BFGS assumes a smooth
+ℓ; a top-K gate's ℓ jumps where the selection changes) returns its start with
+``converged = False``, so the fitter never reports a worse point than it was given.
 """
 
 from __future__ import annotations
@@ -103,6 +105,15 @@ def fit_mle(
     u = jax.tree_util.tree_map(lambda value_, s, m: jnp.where(m > 0, value_, s), u, start, free)
     params = canonicalize(family, _to_constrained(family, u))
     final = log_likelihood(family, params, x, y, weights)
+    # A maximiser must not end below its start; L-BFGS can where ℓ is discontinuous (a top-K gate's
+    # selection boundaries [2]), and then the start is returned, flagged as not converged. A NaN
+    # end is left as it is, to be reported finite = False.
+    start_log_likelihood = -initial_value
+    below_start = jnp.isfinite(start_log_likelihood) & jnp.isfinite(final) & (final < start_log_likelihood)
+    params = jax.tree_util.tree_map(
+        lambda fitted, initial: jnp.where(below_start, initial, fitted), params, _to_constrained(family, start)
+    )
+    final = jnp.where(below_start, start_log_likelihood, final)
     finite = jnp.isfinite(final) & _all_finite(params)
-    converged = relative_change_converged(value, previous, iteration, tol) & finite
+    converged = relative_change_converged(value, previous, iteration, tol) & finite & ~below_start
     return FitResult(params=params, log_likelihood=final, n_iter=iteration, converged=converged, finite=finite)
