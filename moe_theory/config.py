@@ -555,7 +555,8 @@ class StudyConfig:
                 "min_n": rates.min_n,
                 "metrics": None if rates.metrics is None else list(rates.metrics),
                 "compare": [
-                    {"metric": c.metric, "num_experts": c.num_experts, "setting": c.setting, "quantity": c.quantity}
+                    {"metric": c.metric, "num_experts": c.num_experts, "family": c.family, "setting": c.setting,
+                     "quantity": c.quantity}
                     for c in rates.compare
                 ],
             },

@@ -102,9 +102,17 @@ def _draw_curve(ax, rows: pd.DataFrame, rate: pd.Series | None, statistic: str, 
         ax.plot(grid, anchor * (grid / middle) ** float(exponent), color=color, linestyle=":", linewidth=1.3)
 
 
+_LARGEST_SHOWN = 1e200
+"""Log axes stop here: a divergent fit's loss can reach 1e300, where matplotlib's tick arithmetic
+overflows; what lies above is off the figure, and the tables keep the values."""
+
+
 def _style(ax, title: str | None = None, ylabel: str | None = None) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
+    low, high = ax.dataLim.intervaly
+    if np.isfinite(high) and high > _LARGEST_SHOWN:
+        ax.set_ylim(max(low, 1 / _LARGEST_SHOWN) if np.isfinite(low) and low > 0 else None, _LARGEST_SHOWN)
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
     ax.set_xlabel("sample size n")

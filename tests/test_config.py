@@ -93,6 +93,9 @@ def test_inconsistent_models_stop_before_any_work(tmp_path):
     top_k = load_config(path, ["model.gate={name: topk_softmax, top_k: 1}", "fit.num_experts=[2, 3]", "fit.top_k=2"])
     assert [top_k.fitted_family(group).gate.top_k for group in top_k.groups] == [2, 2]
     assert top_k.true_family.gate.top_k == 1 and parse_config(yaml.safe_load(top_k.to_yaml())) == top_k
+    # A comparison with another registry family than rates.theory survives the resolved config.
+    other = load_config(path, ["rates.compare=[{metric: D1, family: density_moe, setting: any, quantity: hellinger}]"])
+    assert parse_config(yaml.safe_load(other.to_yaml())) == other
     assert "fit.likelihood: expected one of ['conditional', 'joint'], got 'marginal'" in error_of(
         path, ["fit.likelihood=marginal"]
     )

@@ -10,8 +10,11 @@ For data (x_j, y_j) with sample weights w_j ≥ 0 (0 marks padding), one EM iter
 * **gate M-step**: up to ``gate_steps`` damped Newton steps with step halving on
   Q(θ_gate) = Σ_j Σ_i w_j r_{ji} log π_i(x_j; θ_gate), stopping early once a step gains at most
   ``inner_tol``·|Q|. With one step this is a generalised EM; the authors' code [1] iterates the
-  gate's Newton/IRLS loop to convergence (up to 300 steps), which ``gate_steps=300`` reproduces. The gate's log-weights at the accepted point are carried
-  into the next E-step, so each iteration evaluates the gate once per trial point and no more.
+  gate's Newton/IRLS loop to convergence (up to 300 steps), which ``gate_steps=300`` reproduces.
+  The gate's log-weights at the accepted point are carried into the next E-step, so each
+  iteration evaluates the gate once per trial point and no more. A top-K gate's selection cannot
+  cross a data point in this step: deselecting an expert that holds responsibility there makes
+  Q = −∞, so every such step is rejected and EM keeps the selection pattern of its start [2].
 
 Both M-steps never decrease their objectives, so ℓ(θ_t) never decreases.
 
@@ -41,6 +44,8 @@ generic iteration.
 
 [1] Nguyen, Nguyen, Ho, "Demystifying Softmax Gating Function in Gaussian Mixture of Experts",
 NeurIPS 2023, arXiv 2305.03288.
+[2] Nguyen, Akbarian, Yan, Ho, "Statistical Perspective of Top-K Sparse Softmax Gating Mixture of
+Experts", ICLR 2024, arXiv 2309.13850.
 [8] Nguyen, Nguyen, Nguyen, Ho, "Towards Convergence Rates for Parameter Estimation in
 Gaussian-gated Mixture of Experts", AISTATS 2024, arXiv 2305.07572.
 """
