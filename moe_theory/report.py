@@ -190,10 +190,8 @@ def _theory_key(config: StudyConfig, group: FitGroup, metric: str, rows: pd.Data
         if translation != "infimum":
             # The theorems bound the loss minimised over translations; other variants are diagnostics.
             return None, facts
-        if loss == "D1" and exact:
-            return (family, "exact", "D1"), facts
-        if loss == "D2" and not exact:
-            return (family, "overfit", "D2"), facts
+        if (loss, exact) in (("D1", True), ("D2", False)):
+            return _first_known((family, setting, loss), (family, "any", "D")), facts
         return None, facts
     if metric in ("hellinger", "tv"):
         for key in ((family, setting, metric), ("density_moe", "any", metric)):
@@ -205,12 +203,28 @@ def _theory_key(config: StudyConfig, group: FitGroup, metric: str, rows: pd.Data
         block, atom = match.group(1), int(match.group(2))
         size, share = _modal_cell_size(rows, atom)
         facts.update(cell_size=size, cell_size_share=share)
-        if exact:
-            return (family, "exact", block), facts
-        return (family, f"overfit_cell{size}", block), facts
+        specific = (family, "exact", block) if exact else (family, f"overfit_cell{size}", block)
+        # Families whose theorem states one rate per parameter group (papers 3, 4, 6, 7) list it
+        # under setting "any": gate parameters (τ included), expert parameters, or all parameters.
+        group_name = "gate_parameters" if block in _gate_blocks(config) else "expert_parameters"
+        key = _first_known(specific, (family, "any", block), (family, "any", group_name), (family, "any", "parameters"))
+        return key or specific, facts
+    shared = re.fullmatch(r"err_(.+)", metric)
+    if shared and shared.group(1) in config.shared_blocks():
+        # A shared gate parameter such as the temperature τ [3]: only group-wide rates apply.
+        block = shared.group(1)
+        return _first_known((family, "any", block), (family, "any", "gate_parameters"), (family, "any", "parameters")), facts
     if re.fullmatch(r"mass_err_atom\d+", metric):
         return (family, setting, "cell_mass"), facts
     return None, facts
+
+
+def _first_known(*keys: tuple[str, str, str]) -> tuple[str, str, str] | None:
+    return next((key for key in keys if _known(key)), None)
+
+
+def _gate_blocks(config: StudyConfig) -> set[str]:
+    return {field.name for field in config.true_family.gate.fields}
 
 
 def _known(key: tuple[str, str, str]) -> bool:

@@ -169,3 +169,23 @@ def test_summaries_keep_and_count_nonfinite_fits(smoke):
     assert rates.loc[("k=3", "D2"), "theory_key"] == "softmax_gaussian/overfit/D2"
     assert rates.loc[("k=3", "D2_none"), "theory_key"] == ""  # theory bounds the infimum loss only
     assert rates.loc[("k=3", "err_b_atom1"), "theory_key"] == "softmax_gaussian/overfit_cell2/b"
+
+
+def test_parameter_groups_fall_back_to_the_registrys_any_setting(tmp_path):
+    """Families whose theorem gives one rate per parameter group ([3]) are matched without rates.compare."""
+    source = Path(__file__).resolve().parents[1] / "configs" / "paper3_activation.yaml"
+    config = load_config(source, ["rates.compare=[]"])
+    (group,) = config.groups
+    rows = pd.DataFrame({"finite": [True, True], "cell_size_atom0": [1, 1], "cell_size_atom1": [1, 1]})
+    family = "activation_temperature_softmax_gaussian"
+    expected = {
+        "err_beta1_atom0": (family, "any", "gate_parameters"),
+        "err_tau": (family, "any", "gate_parameters"),
+        "err_a_atom1": (family, "any", "expert_parameters"),
+        "hellinger": ("density_moe", "any", "hellinger"),
+    }
+    for metric, key in expected.items():
+        assert report._theory_key(config, group, metric, rows)[0] == key, metric
+    temperature = load_config(source, ["rates.compare=[]", "rates.theory=temperature_softmax_gaussian"])
+    assert report._theory_key(temperature, group, "err_nu_atom0", rows)[0] == (
+        "temperature_softmax_gaussian", "any", "parameters")
