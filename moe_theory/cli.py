@@ -56,7 +56,6 @@ def _fit_command(args: argparse.Namespace) -> int:
     import jax
 
     from .fit import EMConfig, fit
-    from .fit.em import check_joint_likelihood
     from .models import make_family
     from .params import params_to_dict
 
@@ -66,18 +65,20 @@ def _fit_command(args: argparse.Namespace) -> int:
     try:
         family = make_family(gate, expert, args.num_experts, x.shape[1], args.num_classes)
         config = EMConfig(max_iter=args.max_iter, gate_steps=args.gate_steps, likelihood=args.likelihood)
-        if args.likelihood == "joint":
-            check_joint_likelihood(family)
-            if args.method != "em":
-                raise ValueError("--likelihood joint is fitted by EM; use --method em")
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if family.expert.is_classifier:
         if not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0 or y.max() >= family.num_classes:
             raise SystemExit(f"error: --data {args.data}: y must hold integer classes 0..{family.num_classes - 1}")
-    result = fit(
-        family, x, y, key=jax.random.key(args.seed), n_init=args.n_init, method=args.method, tol=args.tol, config=config
-    )
+    try:
+        # The fitters check the family against the likelihood and the method when they trace,
+        # before any iteration runs.
+        result = fit(
+            family, x, y, key=jax.random.key(args.seed), n_init=args.n_init, method=args.method, tol=args.tol,
+            config=config,
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     report = {
         "family": family.describe(),
         "method": args.method,
