@@ -10,6 +10,8 @@ Rows of the table, each timed as the median of ``--repeats`` runs after one warm
 
 * ``fast``: :func:`moe_theory.fit.fit_batch` as a user calls it; for this family it runs the fast
   path of :mod:`moe_theory.fit.fast` (chunks of ``--batch-size`` replicates, default per backend).
+* ``defaults``: the fast path compiled with XLA's default options instead of the ones the package
+  gives it (:data:`moe_theory.fit.compiling.FAST_PATH_OPTIONS`), to show what they contribute.
 * ``generic``: the same call with ``EMConfig(fast_path=False)``, the generic EM iteration.
 * ``numpy``: a plain NumPy implementation of the same algorithm, written below: vectorised over
   the samples, looping over replicates; closed-form expert M-step and one damped Newton gate step
@@ -25,7 +27,8 @@ ratios to NumPy and to the floor. The final log-likelihoods of the three impleme
 checked against each other on the replicates they share.
 
 XLA flags must be set before JAX starts, so ``--xla-flags`` is applied here before importing it
-(e.g. ``--xla-flags=--xla_cpu_use_fusion_emitters=false``). Run from the repository root::
+(e.g. ``--xla-flags=--xla_cpu_enable_fast_math=true``); a program's own compiler options, such as
+the fast path's, take precedence over them. Run from the repository root::
 
     python benchmarks/bench_em.py                       # the workload
     python benchmarks/bench_em.py --replicates 8 --iterations 50 --repeats 2   # quick check
@@ -71,6 +74,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import moe_theory as mt  # noqa: E402
 from moe_theory.fit import EMConfig, fit_batch  # noqa: E402
 from moe_theory.fit.api import default_batch_size  # noqa: E402
+from moe_theory.fit.compiling import FAST_PATH_OPTIONS, accepted_options  # noqa: E402
 
 LOG_2PI = math.log(2.0 * math.pi)
 TRUTH = {"beta0": [-8.0, 0.0], "beta1": [25.0, 0.0], "a": [-20.0, 20.0], "b": [15.0, -5.0], "nu": [0.09, 0.16]}
@@ -241,20 +245,24 @@ def timed_runs(run, repeats: int) -> tuple[float, float, float]:
     return float(np.median(walls)), float(np.min(walls)), float(np.median(cpus))
 
 
-def time_package(config: EMConfig, inputs, responses, start, count: int, batch_size: int, repeats: int) -> Row:
+def time_package(
+    config: EMConfig, inputs, responses, start, count: int, batch_size: int, repeats: int, xla_defaults: bool = False
+) -> Row:
     family = mt.make_family("softmax", "gaussian", start["b"].shape[1], 1)
     params = package_params(start, count)
     x, y = jnp.asarray(inputs[:count]), jnp.asarray(responses[:count])
-    program = jax.jit(lambda p, x, y: fit_batch(family, p, x, y, None, -1.0, "em", config, batch_size))
     began = time.perf_counter()
-    compiled = program.lower(params, x, y).compile()
+    # fit_batch compiles with the XLA options the package picks for this family (moe_theory.fit.compiling);
+    # traced inside a plain jit instead, it is compiled with XLA's defaults.
+    program = jax.jit(fit_batch, static_argnames=("family", "method", "config", "batch_size")) if xla_defaults else fit_batch
+    compiled = program.lower(family, params, x, y, None, -1.0, "em", config, batch_size).compile()
     compile_seconds = time.perf_counter() - began
     buffers = compiled.memory_analysis()
     memory = None
     if buffers is not None:
         memory = buffers.argument_size_in_bytes + buffers.output_size_in_bytes + buffers.temp_size_in_bytes
-    result = jax.block_until_ready(compiled(params, x, y))
-    median, best, cpu = timed_runs(lambda: jax.block_until_ready(compiled(params, x, y)), repeats)
+    result = jax.block_until_ready(compiled(params, x, y, None, -1.0))
+    median, best, cpu = timed_runs(lambda: jax.block_until_ready(compiled(params, x, y, None, -1.0)), repeats)
     return Row(count, median, best, cpu, compile_seconds, memory, np.asarray(result.log_likelihood))
 
 
@@ -290,12 +298,14 @@ def measured_rates(dtype) -> dict:
     output = np.empty_like(values)
     exp_numpy = _best_of(lambda: np.exp(values, out=output), 7) / values.size
     small = jnp.asarray(values[: 2**14])
-    exp_xla = _best_of(lambda: jax.block_until_ready(_jax_exp_sum(small)), 200) / small.size
+    exp_xla = min(_best_of(lambda: jax.block_until_ready(program(small)), 200) for program in _jax_exp_sums) / small.size
     return {"matmul_flops": 2 * size**3 / matmul, "copy_bytes": 2 * source.nbytes / copy, "exp_seconds": min(exp_numpy, exp_xla)}
 
 
 _jax_matmul = jax.jit(lambda a, b: a @ b)
-_jax_exp_sum = jax.jit(lambda v: jnp.sum(jnp.exp(v)))
+_jax_exp_sums = [  # with XLA's defaults and with the fast path's options (wider vectors), the faster counts
+    jax.jit(lambda v: jnp.sum(jnp.exp(v)), compiler_options=options) for options in (None, accepted_options(FAST_PATH_OPTIONS))
+]
 
 
 def _best_of(run, repeats: int) -> float:
@@ -379,13 +389,16 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"EM benchmark: softmax gate × Gaussian-linear experts, n = {n}, k = {k}, d = 1, {iterations} iterations,", ARGS.dtype)
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {cores} cores, chunks of {batch_size} replicates")
+    print(f"compiler options of the fast path: {accepted_options(FAST_PATH_OPTIONS)}")
     print(f"XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'; load average at start {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     largest = max(replicates, ARGS.generic_replicates, ARGS.numpy_replicates)
     inputs, responses, start = make_workload(largest, n, k, dtype)
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rows = {"fast": time_package(EMConfig(max_iter=iterations), inputs, responses, start, replicates, batch_size, ARGS.repeats)}
+    fast = EMConfig(max_iter=iterations)
+    rows = {"fast": time_package(fast, inputs, responses, start, replicates, batch_size, ARGS.repeats)}
     slow_repeats = max(1, ARGS.repeats // 2)
+    rows["defaults"] = time_package(fast, inputs, responses, start, replicates, batch_size, slow_repeats, xla_defaults=True)
     if not ARGS.skip_generic:
         count = ARGS.generic_replicates
         generic = EMConfig(max_iter=iterations, fast_path=False)

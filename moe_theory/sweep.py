@@ -80,6 +80,7 @@ from jax import monitoring
 from . import storage
 from .config import GRID_AXES, FitGroup, StudyConfig
 from .fit import EMConfig, fit_batch
+from .fit.compiling import program_options
 from .init import near_truth_init, random_init
 from .losses import density_distances, exact_fitted_loss, over_fitted_loss, parameter_errors, voronoi_loss
 from .models import Family, gate_log_weights
@@ -164,7 +165,7 @@ def _em_config(config: StudyConfig, group: FitGroup) -> EMConfig:
     )
 
 
-def _fit_program(config: StudyConfig, group: FitGroup, size: int) -> tuple[tuple, Callable]:
+def _fit_program(config: StudyConfig, group: FitGroup, size: int) -> tuple[tuple, Callable, dict | None]:
     true_family, family, inputs = config.true_family, config.fitted_family(group), config.inputs
     em_config, noise = _em_config(config, group), config.fit.near_truth
     num_starts, init_id = group.n_init, group.init_id
@@ -187,7 +188,7 @@ def _fit_program(config: StudyConfig, group: FitGroup, size: int) -> tuple[tuple
 
     signature = ("fit", true_family, family, inputs, size, group.method, group.init, num_starts, init_id,
                  em_config, noise, config.fit.dtype)
-    return signature, program
+    return signature, program, program_options(family, em_config, group.method)
 
 
 def _score_program(config: StudyConfig, group: FitGroup) -> tuple[tuple, Callable]:
@@ -254,15 +255,18 @@ class _CompileLog:
             self.cache_hits += 1
 
 
-def _executable(signature: tuple, program: Callable, arguments: tuple, log: _CompileLog, description: dict) -> Any:
-    """The compiled ``program`` for these argument shapes, compiling (and logging) it on first use."""
+def _executable(
+    signature: tuple, program: Callable, arguments: tuple, log: _CompileLog, description: dict, options: dict | None = None
+) -> Any:
+    """The compiled ``program`` for these argument shapes, compiling (and logging) it on first use
+    with the XLA compiler ``options`` (:mod:`moe_theory.fit.compiling`)."""
     layout = jax.tree_util.tree_map(
         lambda a: (jnp.shape(a), str(jnp.result_type(a)), getattr(a, "sharding", None)), arguments
     )
     key = (signature, str(jax.tree_util.tree_structure(arguments)), str(layout))
     if key not in _EXECUTABLES:
         start = time.perf_counter()
-        lowered = jax.jit(program).lower(*arguments)
+        lowered = jax.jit(program, compiler_options=options).lower(*arguments)
         traced = time.perf_counter()
         _EXECUTABLES[key] = lowered.compile()
         done = time.perf_counter()
@@ -470,10 +474,10 @@ def run_sweep(
             size = bucket_size(n, growth)
             if bar is not None:
                 bar.set_postfix_str(f"{group.label}, n={n} (bucket {size})")
-            fit_signature, fit_program = _fit_program(config, group, size)
+            fit_signature, fit_program, fit_options = _fit_program(config, group, size)
             fit_arguments = (root_key, replicate_chunks[0], np.int64(n), tol, truth)
             fit_executable = _executable(fit_signature, fit_program, fit_arguments, log,
-                                         {"program": "fit", "group": group.label, "bucket": size})
+                                         {"program": "fit", "group": group.label, "bucket": size}, fit_options)
             score_signature, score_program = _score_program(config, group)
             frames = []
             for chunk in replicate_chunks:

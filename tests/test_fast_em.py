@@ -15,6 +15,9 @@ rounding level (after a superlinear convergence the last gate step can be below 
 of Q, and accepting or rejecting it is arbitrary in either path), and a small variance floor keeps
 over-fitted experts from collapsing onto d + 1 points (the likelihood is then unbounded and both
 paths hold rounding noise). See the module docstring of moe_theory.fit.fast.
+
+Programs that run the fast path are compiled with their own XLA options (moe_theory.fit.compiling);
+the last checks here cover which programs get them and that they change only rounding.
 """
 
 import jax
@@ -24,6 +27,7 @@ import pytest
 
 import moe_theory as mt
 from moe_theory.fit import EMConfig, fit_batch, fit_em, fit_em_trace
+from moe_theory.fit.compiling import FAST_PATH_OPTIONS, accepted_options, program_options
 from moe_theory.fit.fast import MAX_DIM, fast_path_applies
 
 TOL = 1e-7
@@ -211,3 +215,29 @@ def test_dispatch_rules():
     assert not fast_path_applies(mt.make_family("softmax", "multinomial_logistic", 3, 1, num_classes=3), EMConfig())
     with pytest.raises(ValueError, match="fast_path"):
         EMConfig(fast_path=1)
+
+
+def test_compiler_options_go_to_fast_path_programs_only():
+    plain = mt.make_family("softmax", "gaussian", 3, 1)
+    assert program_options(plain, EMConfig()) == FAST_PATH_OPTIONS
+    assert program_options(plain, EMConfig(fast_path=False)) is None
+    assert program_options(plain, EMConfig(), method="mle") is None
+    assert program_options(mt.make_family("sigmoid", "gaussian", 3, 1), EMConfig()) is None
+    assert program_options(mt.make_family("gaussian", "gaussian", 3, 1), EMConfig(likelihood="joint")) is None
+
+
+def test_unknown_compiler_options_are_dropped():
+    known = {"xla_cpu_prefer_vector_width": 512}
+    assert accepted_options({"xla_cpu_no_such_option": True, **known}) == known
+    assert accepted_options({"xla_cpu_no_such_option": True}) is None
+
+
+def test_compiler_options_change_only_rounding():
+    family = mt.make_family("softmax", "gaussian", 3, 1)
+    x, y = _data(1, seed=11)
+    start = _start(family, y, seed=11)
+    tuned = fit_em(family, start, x, y, None, TOL, CONFIG)
+    # Traced into a plain jit, the same fit compiles with XLA's defaults (nested jits carry no options).
+    default = jax.jit(fit_em, static_argnames=("family", "config"))(family, start, x, y, None, TOL, CONFIG)
+    _assert_same_fit(tuned, default, rtol=1e-12)
+    assert tuple(sorted(FAST_PATH_OPTIONS.items())) in fit_em._jitted  # the top-level call's program

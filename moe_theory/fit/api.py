@@ -13,7 +13,6 @@ Method ``"em"`` is :func:`moe_theory.fit.em.fit_em`, ``"mle"`` is :func:`moe_the
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 from ..init import random_init
 from ..models import Family
 from ..params import MoEParams
+from .compiling import jit_fit
 from .em import EMConfig, FitResult, fit_em
 from .mle import fit_mle
 
@@ -92,7 +92,7 @@ def select_best(results: FitResult) -> FitResult:
     return jax.tree_util.tree_map(lambda leaf: leaf[best], results)
 
 
-@partial(jax.jit, static_argnames=("family", "method", "config", "batch_size"))
+@jit_fit(("family", "method", "config", "batch_size"))
 def fit_batch(
     family: Family,
     params0: MoEParams,

@@ -53,7 +53,6 @@ Gaussian-gated Mixture of Experts", AISTATS 2024, arXiv 2305.07572.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -65,6 +64,7 @@ from .. import linalg
 from ..gates import NORMALISERS, gate_scores, log_gate_weights, normalise, selection_mask
 from ..models import Family, canonicalize, weighted_sum
 from ..params import MoEParams
+from .compiling import jit_fit
 from .newton import constrain, gate_free_mask, newton_ascent, unconstrain
 
 
@@ -391,7 +391,7 @@ def _problem(family: Family, config: EMConfig, params0: MoEParams, x, y, weights
     return build(family, config, params0, x, y, weights)
 
 
-@partial(jax.jit, static_argnames=("family", "config"))
+@jit_fit(("family", "config"))
 def fit_em(
     family: Family,
     params0: MoEParams,
@@ -424,7 +424,7 @@ def fit_em(
     return finish(state, _has_converged(state, tol))
 
 
-@partial(jax.jit, static_argnames=("family", "config"))
+@jit_fit(("family", "config"))
 def fit_em_trace(
     family: Family,
     params0: MoEParams,

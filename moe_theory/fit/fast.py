@@ -80,6 +80,10 @@ relative change exactly at ``tol``, or a numerically singular Γ_i or Hessian.
 Padding and the canonical form are handled as in :mod:`moe_theory.fit.em` (its ``_prepare``): the
 start is canonicalised, zero-weight rows are zeroed so that they contribute exactly nothing, and the
 reference expert's gate coordinates never move.
+
+On a CPU, XLA's default fusion emitters generate the variadic reduction as scalar code; programs
+that run this path are therefore compiled with their own XLA options
+(:mod:`moe_theory.fit.compiling`), which make an iteration about 1.4× faster.
 """
 
 from __future__ import annotations
