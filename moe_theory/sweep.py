@@ -21,7 +21,7 @@ replicate) and scores come back to the host:
 
 **Buckets.** XLA compiles one program per array shape, so a sample of size n is padded to the
 bucket size N(n) = the smallest ⌈g^i⌉ ≥ n (g = ``sweep.bucket_growth``; g = 2 gives powers of two)
-with zero sample weights, which the fitters treat as absent (:func:`moe_theory.models.log_likelihood`).
+with a boolean mask that leaves the padding out of the fit (:func:`moe_theory.models.log_likelihood`).
 N depends on n alone, never on the other sizes of the sweep, so adding a size never changes another
 cell's program. A 200-size sweep over 10²..10⁵ compiles 11 fit programs per group with g = 2.
 
@@ -131,9 +131,10 @@ def _padded_grid(inputs: GridInputs, n: jnp.ndarray, size: int, dtype) -> jnp.nd
 def sample_padded(
     key: jax.Array, family: Family, params: MoEParams, n: jnp.ndarray, size: int, inputs: InputDistribution
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """(x, y, weights) of ``size`` rows whose first n rows equal ``moe_theory.sample(key, family,
-    params, n, inputs)`` and whose weights are 1 there and 0 on the padding (see the module
-    docstring). ``n`` may be traced; ``size`` is static."""
+    """(x, y, mask) of ``size`` rows whose first n rows equal ``moe_theory.sample(key, family,
+    params, n, inputs)``; the boolean mask is True there and False on the padding (see the module
+    docstring), which EM's fast path sums as cheaply as unit weights. ``n`` may be traced; ``size``
+    is static."""
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     # The same three streams, in the same order, as moe_theory.sampling.sample.
     input_key, label_key, response_key = jax.random.split(key, 3)
@@ -143,8 +144,7 @@ def sample_padded(
         x = inputs.draw(input_key, size, family.dim, dtype, params)
     labels = jax.random.categorical(label_key, gate_log_weights(family, params, x), axis=-1).astype(jnp.int32)
     y = family.expert.sample(response_key, params.expert, x, labels)
-    weights = (jnp.arange(size) < n).astype(dtype)
-    return x, y, weights
+    return x, y, jnp.arange(size) < n
 
 
 # ----------------------------------------------------------------------------------------------

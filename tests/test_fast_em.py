@@ -119,6 +119,23 @@ def test_fast_fit_with_weights_and_nan_padding_equals_generic(dim, k):
     assert any(converged)
 
 
+@pytest.mark.parametrize("dim,k", [(0, 2), (1, 3), (2, 2)])
+def test_fast_fit_with_a_padding_mask_equals_generic_and_the_unpadded_fit(dim, k):
+    """A boolean mask (the sweep's padding) is summed like unit weights, as logs of products."""
+    family = mt.make_family("softmax", "gaussian", k, dim)
+    x, y = _data(dim, seed=3)
+    start = _start(family, y, seed=3)
+    padded_x = np.concatenate([x, np.full((PADDING, dim), np.nan)])
+    padded_y = np.concatenate([y, np.full(PADDING, np.nan)])
+    mask = np.arange(SAMPLES + PADDING) < SAMPLES
+    masked, generic = _fit_both(family, start, padded_x, padded_y, mask)
+    assert bool(masked.finite)
+    _assert_same_fit(masked, generic)
+    _assert_same_fit(masked, fit_em(family, start, jnp.asarray(x), jnp.asarray(y), None, TOL, CONFIG))
+    # 0/1 float weights take the general path, with a logarithm per sample: the same fit.
+    _assert_same_fit(masked, fit_em(family, start, padded_x, padded_y, mask.astype(float), TOL, CONFIG))
+
+
 @pytest.mark.parametrize("dim,k,weighted", [(0, 3, False), (1, 2, True)])
 def test_fast_trace_equals_generic_and_never_decreases(dim, k, weighted):
     family = mt.make_family("softmax", "gaussian", k, dim)

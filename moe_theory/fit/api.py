@@ -109,8 +109,9 @@ def fit_batch(
     Args:
         family: model family (static).
         params0: starting parameters whose leaves have leading axes (R, S).
-        x: (R, n, d); y: (R, n); weights: optional (R, n) sample weights (0 = padding). Leave it
-            None for unit weights: EM's fast path then sums logarithms chunk-wise.
+        x: (R, n, d); y: (R, n); weights: optional (R, n) sample weights (0 = padding), or a
+            boolean mask (False = padding). Leave it None for unit weights, and pass padding as a
+            mask: EM's fast path then sums logarithms as logs of products instead of one per sample.
         tol: relative log-likelihood tolerance (traced).
         method: ``"em"`` or ``"mle"`` (static).
         config: :class:`EMConfig` (static); ``max_iter`` also bounds L-BFGS.
@@ -149,7 +150,7 @@ def fit(
     Args:
         family: the model family to fit (e.g. ``make_family("softmax", "gaussian", 3)``).
         x: (n, d) inputs (a (n,) vector is read as d = 1); y: (n,) responses.
-        weights: optional (n,) sample weights ≥ 0.
+        weights: optional (n,) sample weights ≥ 0, or a boolean mask (False = leave the row out).
         key: PRNG key for random starts (required when ``init="random"``).
         init: ``"random"`` (k-means++ start, see :func:`moe_theory.init.random_init`) or
             starting parameters; given parameters with a leading axis are several starts.
@@ -175,7 +176,8 @@ def fit(
     y = jnp.asarray(y, jnp.int32 if family.expert.is_classifier else dtype)
     if x.ndim != 2 or x.shape[1] != family.dim or y.shape != x.shape[:1]:
         raise ValueError(f"data: expected x of shape (n, {family.dim}) and y of shape (n,), got {x.shape} and {y.shape}")
-    weights = None if weights is None else jnp.asarray(weights, dtype)
+    weights = None if weights is None else jnp.asarray(weights)
+    weights = weights if weights is None or weights.dtype == jnp.bool_ else weights.astype(dtype)
     if isinstance(init, str):
         if init != "random":
             raise ValueError(f"init: expected 'random' or starting parameters, got {init!r}")

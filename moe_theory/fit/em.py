@@ -406,7 +406,9 @@ def fit_em(
     Args:
         family: model family (static).
         params0: starting parameters (put in canonical form first).
-        x: (n, d) inputs; y: (n,) responses; weights: optional (n,) sample weights ≥ 0.
+        x: (n, d) inputs; y: (n,) responses; weights: optional (n,) sample weights ≥ 0, or a
+            boolean mask of the rows to fit (False marks padding), which the fast path sums as
+            cheaply as unit weights.
         tol: relative log-likelihood change at which to stop (traced).
         config: static :class:`EMConfig`.
 

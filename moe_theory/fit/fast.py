@@ -48,8 +48,10 @@ both π_i and Z_j, and the E-step's exp(joint_i − max) both r_ji and ℓ_j.
 **Σ log without n logarithms.** After subtracting maxima, the normalisers inside ℓ_j and log Z_j
 lie in [1, k]. With unit weights (``weights=None``), Σ_j log v_j = Σ_c log Π_{j∈c} v_j over chunks c
 of :data:`PRODUCT_CHUNK` samples (k^16 is far below the largest float for k ≤ MAX_EXPERTS), so a pass
-takes n/8 logarithms instead of 2n. With given weights the pass sums w_j log v_j sample by sample,
-which is exact for any weights.
+takes n/8 logarithms instead of 2n. A boolean mask (padding, as :mod:`moe_theory.sweep` passes it)
+is summed the same way, with v_j = 1 on the masked-out rows. Other weights need w_j log v_j sample
+by sample, which is exact for any weights: those logarithms are summed by dot products with the
+weights, which keeps them out of the variadic reduction (see :func:`_dot_weights`).
 
 **One pass per iteration.** The generic iteration t (E-step at θ_t, expert M-step, gate Newton step
 from u_t with trials u_t + αδ_t, α = 1, ½, …) evaluates the gate at u_t + δ_t for its first trial,
@@ -142,12 +144,18 @@ class _Data(NamedTuple):
     gate_inputs: tuple  # z = M(x) columns (the very same arrays as ``inputs`` without a transform)
     responses: jnp.ndarray
     weights: jnp.ndarray | None  # None: unit weights
+    mask: bool  # the weights are 0 or 1 (given as a boolean mask), so Σ w log v can use products
 
 
-def _columns(x, y, weights, transform) -> _Data:
+def _columns(x, y, weights, transform, mask: bool) -> _Data:
     inputs = tuple(x[:, c] for c in range(x.shape[1]))
     gate_inputs = tuple(TRANSFORMS[transform](column) for column in inputs) if transform else inputs
-    return _Data(inputs, gate_inputs, y, weights)
+    return _Data(inputs, gate_inputs, y, weights, mask)
+
+
+def _logs_by_products(data: _Data) -> bool:
+    """Whether Σ_j w_j log v_j is taken as logs of products: unit weights, or a 0/1 mask."""
+    return data.weights is None or data.mask
 
 
 def _sum_log(values: jnp.ndarray) -> jnp.ndarray:
@@ -164,14 +172,25 @@ def _sum_log(values: jnp.ndarray) -> jnp.ndarray:
 
 
 def _reduce(data: _Data, sums: dict, logs: dict) -> dict:
-    """Σ_j t_j for every term t of ``sums`` in one variadic reduction, and Σ_j log v_j for every v of ``logs``."""
+    """Σ_j t_j for every term t of ``sums`` in one variadic reduction, and Σ_j w_j log v_j for every
+    v of ``logs`` (unit weights or a 0/1 mask only: masked-out samples enter as v = 1)."""
     shape = data.responses.shape
     leaves, tree = jax.tree_util.tree_flatten(sums)
     operands = tuple(jnp.broadcast_to(term, shape) for term in leaves)  # with d = 0 gate terms are scalars
     zeros = tuple(jnp.zeros((), term.dtype) for term in operands)
-    totals = lax.reduce(operands, zeros, lambda left, right: tuple(a + b for a, b in zip(left, right)), (0,))
+    totals = lax.reduce(operands, zeros, lambda left, right: tuple(a + b for a, b in zip(left, right)), (0,)) if operands else ()
+    if data.weights is not None:
+        logs = {name: jnp.where(data.weights > 0, term, 1.0) for name, term in logs.items()}
     logged = {name: _sum_log(jnp.broadcast_to(term, shape)) for name, term in logs.items()}
     return {**jax.tree_util.tree_unflatten(tree, list(totals)), **logged}
+
+
+def _dot_weights(data: _Data, values: dict) -> dict:
+    """Σ_j w_j v_j for general weights, as dot products. XLA fuses element-wise producers into a
+    reduction, whose CPU code is scalar, but not into a dot: the logarithms inside v then run in
+    vectorised loops (about 1.6× faster per iteration than inside the variadic reduction)."""
+    shape = data.responses.shape  # with d = 0 the gate terms are scalars
+    return {name: jnp.dot(data.weights, jnp.broadcast_to(value, shape)) for name, value in values.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,10 +226,10 @@ def _weighted(data: _Data, value):
 def _sum_log_normaliser(data: _Data, gate) -> jnp.ndarray:
     """Σ_j w_j log Z_j(gate): the only per-sample quantity a step-halving trial needs."""
     _, top, _, normaliser = _gate_normaliser(data, gate)
-    if data.weights is None:
-        totals = _reduce(data, {"top": top}, {"normaliser": normaliser})
+    if _logs_by_products(data):
+        totals = _reduce(data, {"top": _weighted(data, top)}, {"normaliser": normaliser})
         return totals["top"] + totals["normaliser"]
-    return _reduce(data, {"log_normaliser": data.weights * (top + jnp.log(normaliser))}, {})["log_normaliser"]
+    return _dot_weights(data, {"log_normaliser": top + jnp.log(normaliser)})["log_normaliser"]
 
 
 def _pair_products(weight, features) -> list:
@@ -259,22 +278,21 @@ def _evaluate(data: _Data, gate, expert, with_moments: bool) -> dict:
     """One fused pass at (gate, expert): Σ w ℓ, Σ w log Z and, optionally, every M-step moment."""
     top, exponentials, normaliser, residuals, joint_max, scaled, total = _e_step(data, gate, expert)
     # ℓ_j = joint_max + log total − log Z_j with log Z_j = top + log normaliser.
-    if data.weights is None:
-        sums = {"log_likelihood": joint_max - top, "log_normaliser": top}
+    by_products = _logs_by_products(data)
+    if by_products:
+        sums = {"log_likelihood": _weighted(data, joint_max - top), "log_normaliser": _weighted(data, top)}
         logs = {"total": total, "normaliser": normaliser}
     else:
         log_normaliser = top + jnp.log(normaliser)
-        sums = {
-            "log_likelihood": data.weights * (joint_max + jnp.log(total) - log_normaliser),
-            "log_normaliser": data.weights * log_normaliser,
-        }
-        logs = {}
+        dotted = {"log_likelihood": joint_max + jnp.log(total) - log_normaliser, "log_normaliser": log_normaliser}
+        sums, logs = {}, {}
     if with_moments:
         sums["moments"] = _moment_terms(data, exponentials, normaliser, residuals, scaled, total)
     totals = _reduce(data, sums, logs)
-    if data.weights is None:
-        totals["log_likelihood"] = totals["log_likelihood"] + totals.pop("total") - totals["normaliser"]
-        totals["log_normaliser"] = totals["log_normaliser"] + totals.pop("normaliser")
+    if not by_products:
+        return {**totals, **_dot_weights(data, dotted)}
+    totals["log_likelihood"] = totals["log_likelihood"] + totals.pop("total") - totals["normaliser"]
+    totals["log_normaliser"] = totals["log_normaliser"] + totals.pop("normaliser")
     return totals
 
 
@@ -499,8 +517,9 @@ def fast_em_problem(family: Family, config: EMConfig, params0: MoEParams, x, y, 
     gate step, runs the final E-step and returns the :class:`FitResult`.
     """
     unit_weights = weights is None
+    mask = not unit_weights and jnp.result_type(weights) == jnp.bool_
     x, y, weights, total, generic = _prepare(family, config, params0, x, y, weights)
-    data = _columns(x, y, None if unit_weights else weights, family.gate.transform)
+    data = _columns(x, y, None if unit_weights else weights, family.gate.transform, mask)
     start = generic.params
     gate0 = jnp.concatenate([start.gate["beta0"][:-1, None], start.gate["beta1"][:-1]], axis=1)
     dtype = gate0.dtype

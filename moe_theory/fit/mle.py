@@ -58,7 +58,8 @@ def fit_mle(
     Args:
         family: model family (static).
         params0: starting parameters.
-        x: (n, d) inputs; y: (n,) responses; weights: optional (n,) sample weights ≥ 0.
+        x: (n, d) inputs; y: (n,) responses; weights: optional (n,) sample weights ≥ 0 or a
+            boolean mask (False marks padding).
         tol: relative log-likelihood change at which to stop (traced). L-BFGS takes many cheap
             steps, so its default is tighter than EM's.
         max_iter: iteration bound (static).
