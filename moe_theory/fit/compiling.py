@@ -12,9 +12,10 @@ memory, and vectorise the element-wise passes four doubles wide. XLA's loop emit
 (``xla_cpu_use_fusion_emitters=False``) with 512-bit vectors (``xla_cpu_prefer_vector_width=512``,
 which only widens code where the CPU has AVX-512) runs the same program faster. On a 2-core AVX-512
 machine, with n = 10,000, k = 3, d = 1, float64 and 64 replicates (``python benchmarks/bench_em.py``),
-one iteration took 0.100 ms per replicate against 0.140 ms with the defaults. With sample weights
-(n = 4,000) the gain was 1.19×. The generic path moved by −6 % to +6 %, and the joint-likelihood EM
-of the Gaussian gate became 20 % slower; hence the choice per path.
+one iteration took 0.100 ms per replicate against 0.140 ms with the defaults. The generic iteration
+(sigmoid, top-K, temperature and Laplace gates, or ``fast_path=False``) ran 0–10 % slower with the
+same options and the joint-likelihood EM of the Gaussian gate 16–20 % slower; hence the choice per
+path.
 
 **Scope.** Options belong to the outermost compiled program. A fit called under the caller's own
 ``jax.jit`` or ``jax.vmap`` is compiled as part of the caller's program, with its options; pass
