@@ -28,7 +28,7 @@ import pytest
 import moe_theory as mt
 from moe_theory.fit import EMConfig, fit_batch, fit_em, fit_em_trace
 from moe_theory.fit.compiling import FAST_PATH_OPTIONS, accepted_options, program_options
-from moe_theory.fit.fast import MAX_DIM, fast_path_applies
+from moe_theory.fit.fast import MAX_DIM, ROUNDING_MARGIN, _FastState, _takes_full_step, fast_path_applies
 
 TOL = 1e-7
 CONFIG = EMConfig(max_iter=400, variance_floor=1e-3)
@@ -258,3 +258,44 @@ def test_compiler_options_change_only_rounding():
     default = jax.jit(fit_em, static_argnames=("family", "config"))(family, start, x, y, None, TOL, CONFIG)
     _assert_same_fit(tuned, default, rtol=1e-12)
     assert tuple(sorted(FAST_PATH_OPTIONS.items())) in fit_em._jitted  # the top-level call's program
+
+
+def test_float32_fit_past_convergence_stays_monotone_and_on_the_float64_fit():
+    """Past convergence every float32 gate step is below the rounding error of Q and is taken
+    untested ("Steps below rounding" in moe_theory.fit.fast): ℓ must still never fall by more than
+    its rounding error, and the fit must stay on the float64 one."""
+    family = mt.make_family("softmax", "gaussian", 2, 1)
+    x, y = _data(1, seed=5, n=2000)
+    start = _start(family, y, seed=5)  # a wide gate: early full steps overshoot and must be halved
+    config = EMConfig(max_iter=150)
+    double, _ = fit_em_trace(family, start, jnp.asarray(x), jnp.asarray(y), None, -1.0, config)
+    single_start = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.float32), start)
+    single, trace = fit_em_trace(family, single_start, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), None, -1.0, config)
+    path = np.asarray(trace, np.float64)
+    assert bool(single.finite) and int(single.n_iter) == 150
+    assert np.all(np.diff(path) >= -8 * np.finfo(np.float32).eps * np.abs(path[1:]))
+    np.testing.assert_allclose(single.log_likelihood, double.log_likelihood, rtol=1e-5)
+    for group in ("gate", "expert"):
+        for name, value in getattr(double.params, group).items():
+            np.testing.assert_allclose(getattr(single.params, group)[name], value, rtol=1e-3, atol=1e-3, err_msg=f"{group}.{name}")
+
+
+def test_a_step_below_rounding_is_taken_untested_and_any_other_is_tested():
+    """The rule of "Steps below rounding": with Σ w log Z = 1e4 in float64 the threshold is
+    ROUNDING_MARGIN·ε·1e4 ≈ 3.6e-11; the candidate's Σ w log Z rose by 1 while the gain is 0.5,
+    so the test Q(u + δ) ≥ Q(u) fails."""
+    def state(predicted, pending=True):
+        return _FastState(
+            gate=jnp.zeros((1, 2)), direction=jnp.ones((1, 2)), gain=jnp.asarray(0.5), predicted=jnp.asarray(predicted),
+            log_normaliser=jnp.asarray(1e4), pending=jnp.asarray(pending), expert=(), log_likelihood=jnp.asarray(0.0),
+            previous=jnp.asarray(0.0), iteration=jnp.asarray(1), finite=jnp.asarray(True),
+        )
+
+    threshold = ROUNDING_MARGIN * np.finfo(np.float64).eps * 1e4
+    failing = jnp.asarray(1e4 + 1.0)
+    assert bool(_takes_full_step(state(0.5 * threshold), failing))  # untestable: taken
+    assert not bool(_takes_full_step(state(2.0 * threshold), failing))  # testable: fails the test
+    assert bool(_takes_full_step(state(2.0 * threshold), jnp.asarray(1e4 + 0.25)))  # passes the test
+    assert not bool(_takes_full_step(state(0.5 * threshold), jnp.asarray(np.nan)))  # never a NaN step
+    assert not bool(_takes_full_step(state(np.nan), failing))  # a NaN prediction is not "small"
+    assert bool(_takes_full_step(state(2.0 * threshold, pending=False), failing))  # no pending step

@@ -8,7 +8,7 @@ linear, 2 ≤ k ≤ :data:`MAX_EXPERTS`, d ≤ :data:`MAX_DIM`, ``gate_steps == 
 the generic path: the same E-step, closed-form expert M-step and keep rule, damped Newton direction
 for the gate, step-halving rule and stopping rule. Only the arithmetic is arranged
 differently, so n_iter, converged, finite, the final log-likelihood and the parameters agree up to
-rounding (see "What can differ" below).
+rounding (see "Steps below rounding" and "What can differ" below).
 
 **Notation.** Samples j with weights w_j; expert design D_j = (x_j, 1) ∈ R^{d+1}; gate features
 G_j = (1, z_j) with z_j = M(x_j); free gate coordinates u_i = (β_{0i}, β_{1i}) for i < k − 1 (the
@@ -68,13 +68,25 @@ run every time). After the last iteration the pending step is settled the same w
 the final E-step. The accepted parameters, the log-likelihoods ℓ(θ_t), the iteration count and the stopping decisions are
 therefore the generic path's; only the bookkeeping moved by half an iteration.
 
+**Steps below rounding.** One rule is the fast path's own. The test Q(u + δ) ≥ Q(u) compares
+α·gain with the change of Σ_j w_j log Z_j, two sums whose rounding error is about ε·Σ_j w_j log Z_j
+(log Z_j ≥ 0 because the reference score is 0). A step whose predicted improvement ½·Σ w·∇Qᵀδ is
+at most :data:`ROUNDING_MARGIN`·ε·Σ_j w_j log Z_j cannot be tested: rounding decides the outcome,
+and a rejection costs up to ``max_halvings`` gate passes and a repeated full pass. Such a step is
+taken untested (if its value is finite). On the concave softmax objective a Newton step this small
+ascends, so Q never decreases beyond its rounding error. The generic path tests the step, and
+rounding decides. In float64 the rule acts only once the gate has converged to rounding level (the
+predicted gain is then below ~1e-14 per sample). In float32 it acts in most iterations after the
+first few of a slowly converging fit, which it makes about 5× faster.
+
 **What can differ.** Rounding: sums are formed in another order, the expert update is in residual
 form, ℓ uses products of normalisers. Parameters typically agree to 1e-12–1e-10 relative. Where
 either computation is ill-conditioned the agreement is what the conditioning allows: with a
 saturated gate (π within ~1e-7 of 0 or 1 on many samples) ∇Q and ∇²Q are differences of nearly
 equal sums in both paths (~1e-9), and after an expert collapses onto d + 1 points the likelihood is
 unbounded and both hold rounding noise. A decision on a quantity that is zero up to rounding can go
-either way in either path: a gate trial whose gain is below the rounding noise of Q, which happens
+either way in either path: a gate step whose gain is below the rounding noise of Q (taken untested
+here, see above), which happens
 once the parameters have converged to ~1e-8 (with a negative ``tol``, or when EM converges
 superlinearly, faster than the stopping rule, which looks one iteration back, can react), a
 relative change exactly at ``tol``, or a numerically singular Γ_i or Hessian.
@@ -111,6 +123,9 @@ MAX_EXPERTS = 6
 """Largest number of experts k served by the fast path."""
 PRODUCT_CHUNK = 16
 """Samples per product in Σ log v (v ∈ [1, k], so a product is at most 6^16 < 3e12)."""
+ROUNDING_MARGIN = 16
+"""A gate step predicted to gain at most ROUNDING_MARGIN·ε·Σ_j w_j log Z_j is taken untested (the
+rounding error of that sum measured ~1.5·ε·Σ_j w_j log Z_j in float32; see "Steps below rounding")."""
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -399,7 +414,8 @@ def _upper(pairs, size: int, a: int, b: int):
 
 
 def _gate_direction(moments, gate, total):
-    """The generic path's damped Newton direction for Q, and the gain Σ_i δ_iᵀ Σ_j ω_ji G_j.
+    """The generic path's damped Newton direction δ for Q, the gain Σ_i δ_iᵀ Σ_j ω_ji G_j, and the
+    step's predicted improvement ½·Σ w·∇Qᵀδ (a lower bound on the quadratic model's).
 
     The system is assembled in the generic path's coordinate order (``ravel_pytree`` of the gate:
     all β₀, then β₁ row by row), so that the same factorisation runs on the same matrix. The generic
@@ -430,7 +446,8 @@ def _gate_direction(moments, gate, total):
     flat = _damped_newton_direction(curvature, gradient)
     position = {coordinate: p for p, coordinate in enumerate(coordinates)}
     direction = jnp.stack([jnp.stack([flat[position[i, a]] for a in range(size)]) for i in range(num_free)])
-    return direction, jnp.sum(direction * jnp.stack([jnp.stack(r) for r in response]))
+    gain = jnp.sum(direction * jnp.stack([jnp.stack(r) for r in response]))
+    return direction, gain, 0.5 * total * jnp.dot(gradient, flat)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +458,7 @@ class _FastState(NamedTuple):
     gate: jnp.ndarray  # accepted free gate coordinates u_t, (k − 1, d + 1)
     direction: jnp.ndarray  # pending Newton direction δ_t (zeros before the first M-step)
     gain: jnp.ndarray  # Σ_i δ_iᵀ Σ_j ω_ji G_j of the pending step
+    predicted: jnp.ndarray  # ½·Σ w·∇Qᵀδ of the pending step
     log_normaliser: jnp.ndarray  # Σ_j w_j log Z_j at ``gate``
     pending: jnp.ndarray  # whether ``direction`` still awaits its step-halving decision
     expert: tuple  # (a, b, ν) of θ_{t+1}
@@ -454,6 +472,15 @@ def _improves(gain, change):
     """Q(u + αδ) ≥ Q(u) with a finite value, as α·gain − ΔΣ w log Z ≥ 0 (the factor 1/Σ w dropped)."""
     difference = gain - change
     return jnp.isfinite(difference) & (difference >= 0)
+
+
+def _takes_full_step(state: _FastState, candidate_log_normaliser) -> jnp.ndarray:
+    """Whether the pending step is taken whole: there is none, or it passes the test Q(u + δ) ≥ Q(u),
+    or its predicted improvement is below the rounding error of Σ w log Z and its value is finite
+    (see "Steps below rounding" in the module docstring)."""
+    rounding = ROUNDING_MARGIN * jnp.finfo(state.gate.dtype).eps * jnp.abs(state.log_normaliser)
+    untestable = (state.predicted <= rounding) & jnp.isfinite(candidate_log_normaliser)
+    return ~state.pending | untestable | _improves(state.gain, candidate_log_normaliser - state.log_normaliser)
 
 
 def _only_where(needed, compute, operands, otherwise):
@@ -483,7 +510,7 @@ def _settle_and_evaluate(data: _Data, state: _FastState, max_halvings: int, acti
     """
     candidate = state.gate + state.direction
     evaluated = _evaluate(data, candidate, state.expert, with_moments)
-    full_step = ~state.pending | _improves(state.gain, evaluated["log_normaliser"] - state.log_normaliser)
+    full_step = _takes_full_step(state, evaluated["log_normaliser"])
     # A non-finite direction makes every trial value non-finite: all its trials would be rejected.
     searching = active & ~full_step & jnp.all(jnp.isfinite(state.direction))
     smallest = 0.5**max_halvings
@@ -528,6 +555,7 @@ def fast_em_problem(family: Family, config: EMConfig, params0: MoEParams, x, y, 
         gate=gate0,
         direction=jnp.zeros_like(gate0),
         gain=jnp.zeros((), dtype),
+        predicted=jnp.zeros((), dtype),
         log_normaliser=jnp.zeros((), dtype),
         pending=jnp.asarray(False),
         expert=(start.expert["a"], start.expert["b"], start.expert["nu"]),
@@ -547,12 +575,13 @@ def fast_em_problem(family: Family, config: EMConfig, params0: MoEParams, x, y, 
 
         squares = _only_where(active & jnp.any(cancelled), summed_directly, (gate, state.expert, update), squares)
         expert = _expert_mstep(state.expert, update, squares, responsibility, config.variance_floor)
-        direction, gain = _gate_direction(moments, gate, total)
+        direction, gain, predicted = _gate_direction(moments, gate, total)
         log_likelihood = evaluated["log_likelihood"] / total
         return _FastState(
             gate=gate,
             direction=direction,
             gain=gain,
+            predicted=predicted,
             log_normaliser=evaluated["log_normaliser"],
             pending=jnp.asarray(True),
             expert=expert,
