@@ -16,8 +16,9 @@ of Q, and accepting or rejecting it is arbitrary in either path), and a small va
 over-fitted experts from collapsing onto d + 1 points (the likelihood is then unbounded and both
 paths hold rounding noise). See the module docstring of moe_theory.fit.fast.
 
-Programs that run the fast path are compiled with their own XLA options (moe_theory.fit.compiling);
-the last checks here cover which programs get them and that they change only rounding.
+Programs that run the fast path are compiled with their own XLA options (moe_theory.fit.compiling):
+three checks cover which programs get them and that they change only rounding. The last two cover
+the fast path's own rule for gate steps below the rounding error of Q.
 """
 
 import jax

@@ -20,10 +20,9 @@ path.
 **Scope.** Options belong to the outermost compiled program. A fit called under the caller's own
 ``jax.jit`` or ``jax.vmap`` is compiled as part of the caller's program, with its options; pass
 ``compiler_options=program_options(...)`` to that jit for the same speed, as :mod:`moe_theory.sweep`
-does. They are options of one program, never
-process-wide ``XLA_FLAGS``, so nothing else the caller compiles changes. An option that the installed
-XLA does not know is dropped after one trial compilation, so every jaxlib compiles the fit, with its
-own default in place of that option.
+does. They are options of one program, never process-wide ``XLA_FLAGS``, so nothing else the caller
+compiles changes. An option that the installed XLA does not know is dropped after one trial
+compilation, so every jaxlib compiles the fit, with its own default in place of that option.
 
 **Results.** The options change only how XLA arranges the arithmetic: fitted values agree with a
 default compilation to rounding (relative differences of ~1e-15 on the benchmark), and the same

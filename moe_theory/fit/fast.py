@@ -86,10 +86,10 @@ saturated gate (π within ~1e-7 of 0 or 1 on many samples) ∇Q and ∇²Q are d
 equal sums in both paths (~1e-9), and after an expert collapses onto d + 1 points the likelihood is
 unbounded and both hold rounding noise. A decision on a quantity that is zero up to rounding can go
 either way in either path: a gate step whose gain is below the rounding noise of Q (taken untested
-here, see above), which happens
-once the parameters have converged to ~1e-8 (with a negative ``tol``, or when EM converges
-superlinearly, faster than the stopping rule, which looks one iteration back, can react), a
-relative change exactly at ``tol``, or a numerically singular Γ_i or Hessian.
+here, see above), which happens once the parameters have converged to ~1e-8 (with a negative
+``tol``, or when EM converges superlinearly, faster than the stopping rule, which looks one
+iteration back, can react), a relative change exactly at ``tol``, or a numerically singular Γ_i or
+Hessian.
 
 Padding and the canonical form are handled as in :mod:`moe_theory.fit.em` (its ``_prepare``): the
 start is canonicalised, zero-weight rows are zeroed so that they contribute exactly nothing, and the
@@ -502,7 +502,8 @@ def _only_where(needed, compute, operands, otherwise):
 
 
 def _settle_and_evaluate(data: _Data, state: _FastState, max_halvings: int, active, with_moments: bool):
-    """Decide the pending gate step as the generic step halving does, and evaluate the E-step there.
+    """Decide the pending gate step as the generic step halving does (apart from steps below
+    rounding, see the module docstring), and evaluate the E-step there.
 
     The generic halving tries α = 1, ½, … while α > 2^−max_halvings. The pass at α = 1 runs for every
     replicate; the trials α = ½, ¼, … and the repeated pass at the accepted point run in
