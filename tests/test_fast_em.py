@@ -269,7 +269,7 @@ def test_float32_fit_past_convergence_stays_monotone_and_on_the_float64_fit():
     its rounding error, and the fit must stay on the float64 one."""
     family = mt.make_family("softmax", "gaussian", 2, 1)
     x, y = _data(1, seed=5, n=2000)
-    start = _start(family, y, seed=5)  # a wide gate: early full steps overshoot and must be halved
+    start = _start(family, y, seed=5)
     config = EMConfig(max_iter=150)
     double, _ = fit_em_trace(family, start, jnp.asarray(x), jnp.asarray(y), None, -1.0, config)
     single_start = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.float32), start)
