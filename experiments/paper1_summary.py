@@ -50,10 +50,10 @@ CELL_BLOCKS = {"beta1": 1 / 8, "b": 1 / 8, "a": 1 / 4, "nu": 1 / 4}
 
 
 def latest_run(results: Path, name: str) -> Path:
-    runs = sorted(path for path in (results / name).iterdir() if (path / "rates.csv").is_file())
-    if not runs:
+    run = storage.latest_run(results, name)
+    if run is None:
         raise SystemExit(f"error: no finished run of {name} under {results / name}; run `moe-theory run configs/{name}.yaml`")
-    return runs[-1]
+    return run
 
 
 def authors_table(exact: Path) -> pd.DataFrame:

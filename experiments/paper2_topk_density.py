@@ -23,6 +23,8 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
+from moe_theory import storage
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 STUDIES = (  # (config name, legend label, colour)
@@ -32,13 +34,6 @@ STUDIES = (  # (config name, legend label, colour)
 )
 METRICS = (("hellinger", "E_x Hellinger distance"), ("tv", "E_x total variation"))
 OUTPUT = RESULTS / "paper2_topk" / "density"
-
-
-def latest_run(name: str) -> Path | None:
-    """The newest complete run folder of a config (run ids sort by time), or None."""
-    folder = RESULTS / name
-    runs = sorted(p for p in folder.glob("*") if (p / "summary.csv").is_file()) if folder.is_dir() else []
-    return runs[-1] if runs else None
 
 
 def load(run_dir: Path) -> tuple[str, pd.DataFrame, pd.DataFrame]:
@@ -91,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="*", type=Path, help="run folders (default: the latest run of each config)")
     args = parser.parse_args()
-    runs = args.runs or [run for name, _, _ in STUDIES if (run := latest_run(name)) is not None]
+    runs = args.runs or [run for name, _, _ in STUDIES if (run := storage.latest_run(RESULTS, name)) is not None]
     if not runs:
         raise SystemExit("no paper-2 runs found under results/")
     figure = draw(runs)

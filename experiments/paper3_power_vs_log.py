@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import moe_theory as mt  # noqa: E402
+from moe_theory import storage  # noqa: E402
 from moe_theory.rates import asymptotic_slope, compare_power_vs_log, fit_rate  # noqa: E402
 from moe_theory.report import load_run  # noqa: E402
 
@@ -63,10 +64,10 @@ FIGURE_METRICS = {
 
 
 def newest_run(study: str) -> Path:
-    runs = sorted(p for p in (ROOT / "results" / study).glob("*") if (p / "fits.parquet").is_file())
-    if not runs:
+    run = storage.latest_run(ROOT / "results", study)
+    if run is None:
         raise SystemExit(f"no finished run of {study} under results/{study}/; run `moe-theory run configs/{study}.yaml`")
-    return runs[-1]
+    return run
 
 
 def atom_values(table: pd.DataFrame, field: str, atom: int) -> np.ndarray:

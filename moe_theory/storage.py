@@ -69,6 +69,14 @@ def create_run_dir(root: str | Path, name: str) -> Path:
         return run_dir
 
 
+def latest_run(root: str | Path, name: str) -> Path | None:
+    """The newest finished run of study ``name`` under ``root`` (run ids sort by time): a folder
+    holding its rates table, which a sweep writes after the fits and the summary. None if there is none."""
+    folder = Path(root) / name
+    runs = sorted(path for path in folder.iterdir() if (path / RATES_FILE).is_file()) if folder.is_dir() else []
+    return runs[-1] if runs else None
+
+
 def require_run_dir(run_dir: str | Path, need: Iterable[str] = (CONFIG_FILE,)) -> Path:
     """``run_dir`` as a Path, checking that it holds the named files."""
     run_dir = Path(run_dir)

@@ -189,3 +189,14 @@ def test_parameter_groups_fall_back_to_the_registrys_any_setting(tmp_path):
     temperature = load_config(source, ["rates.compare=[]", "rates.theory=temperature_softmax_gaussian"])
     assert report._theory_key(temperature, group, "err_nu_atom0", rows)[0] == (
         "temperature_softmax_gaussian", "any", "parameters")
+
+
+def test_latest_run_is_the_newest_finished_run(tmp_path):
+    assert storage.latest_run(tmp_path, "study") is None  # no folder yet
+    for run_id, finished in (("20260101-000000-aaaaaa", True), ("20260102-000000-bbbbbb", True), ("20260103-000000-cccccc", False)):
+        run_dir = tmp_path / "study" / run_id
+        run_dir.mkdir(parents=True)
+        if finished:
+            (run_dir / storage.RATES_FILE).write_text("group,metric\n")
+    # The newest folder is still running (no rates table): the newest finished one is returned.
+    assert storage.latest_run(tmp_path, "study") == tmp_path / "study" / "20260102-000000-bbbbbb"
