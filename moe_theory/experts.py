@@ -59,7 +59,7 @@ class GaussianLinear:
     fields: ClassVar[tuple[Field, ...]] = (
         Field("a", ("k", "d"), "real", "expert slopes a"),
         Field("b", ("k",), "real", "expert intercepts b"),
-        Field("nu", ("k",), "positive", "expert variances ν (a variance, not a standard deviation)"),
+        Field("nu", ("k",), "positive", "expert variances ν (a variance, not a standard deviation)", role="variance"),
     )
 
     def mean(self, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
@@ -138,7 +138,7 @@ class NonlinearRegression:
     fields: ClassVar[tuple[Field, ...]] = (
         Field("eta0", ("k",), "real", "expert inner intercepts η₀"),
         Field("eta1", ("k", "d"), "real", "expert inner slopes η₁"),
-        Field("nu", ("k",), "positive", "expert noise variances ν"),
+        Field("nu", ("k",), "positive", "expert noise variances ν", role="variance"),
     )
 
     def __post_init__(self) -> None:

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from . import linalg
-from .params import Field
+from .params import Field, field_with_role, fields_with_role
 
 # ----------------------------------------------------------------------------------------------
 # Scores: the slope part g_i(z) and the per-expert offset.
@@ -94,57 +94,82 @@ def _gaussian_log_density(gate: Mapping[str, jnp.ndarray], z: jnp.ndarray) -> jn
     return -0.5 * (quadratic + log_det[None, :] + dim * math.log(2.0 * math.pi))
 
 
-def beta0_offset(gate: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-    """The per-expert offset β₀ shared by every score with :data:`BETA_FIELDS`."""
-    return gate["beta0"]
-
-
-def _log_weight_offset(gate: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-    return jnp.log(gate["weight"])
-
-
 BETA_FIELDS = (
-    Field("beta0", ("k",), "real", "gate intercepts β₀"),
-    Field("beta1", ("k", "d"), "real", "gate slopes / locations β₁"),
+    Field("beta0", ("k",), "real", "gate intercepts β₀", role="offset"),
+    Field("beta1", ("k", "d"), "real", "gate slopes β₁", role="slope"),
 )
-"""Fields of a score parametrised by an offset β₀ ∈ R^k and a slope or location β₁ ∈ R^{k×d}."""
+"""Fields of a score with an offset β₀ ∈ R^k and a slope β₁ ∈ R^{k×d} multiplying the input."""
+
+LOCATION_FIELDS = (
+    Field("beta0", ("k",), "real", "gate intercepts β₀", role="offset"),
+    Field("beta1", ("k", "d"), "real", "gate locations β₁ (points in input space)", role="location"),
+)
+"""Fields of a distance-type score: an offset β₀ ∈ R^k and a location β₁ ∈ R^{k×d} per expert."""
+
+
+def beta0_offset(gate: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+    """The per-expert offset β₀ of scores with :data:`BETA_FIELDS` (kept for explicit registrations;
+    a :class:`Score` without an ``offset`` function reads its offset from the field roles)."""
+    return gate["beta0"]
 
 
 @dataclass(frozen=True)
 class Score:
-    """A registered score: its fields, slope part and offset.
+    """A registered score: its fields and slope part; the offset comes from the field roles.
 
-    ``offset_field`` names the field that carries the per-expert offset (translations, the
-    fitters' reference-expert convention and the losses' weights use it); ``log_offset`` says the
-    offset is the log of that field (the Gaussian gate's log w) rather than the field itself.
-    ``translatable_slope`` says whether adding a common t₁ to the slope field ``beta1`` leaves a
-    softmax gate unchanged, and ``affine`` whether the score is affine in its parameters (both true
-    for the linear score only; the fitters use ``affine`` to skip a Hessian term that is then zero).
+    The per-expert offset is the field with role ``offset`` (added to the score), or the log of the
+    field with role ``weight`` (the Gaussian gate's log w); a score must declare exactly one of
+    them. ``offset`` may override how it is computed. ``translatable_slope`` says whether adding a
+    common t₁ to the field with role ``slope`` leaves a softmax gate unchanged, and ``affine``
+    whether the score is affine in its parameters (both true for the linear score only; the
+    fitters use ``affine`` to skip a Hessian term that is then zero).
     """
 
     fields: tuple[Field, ...]
     slope: Callable[[Mapping[str, jnp.ndarray], jnp.ndarray], jnp.ndarray]
-    offset: Callable[[Mapping[str, jnp.ndarray]], jnp.ndarray]
+    offset: Callable[[Mapping[str, jnp.ndarray]], jnp.ndarray] | None = None
     translatable_slope: bool = False
     affine: bool = False
-    offset_field: str = "beta0"
-    log_offset: bool = False
+
+    def __post_init__(self) -> None:
+        carriers = fields_with_role(self.fields, "offset") + fields_with_role(self.fields, "weight")
+        if len(carriers) != 1:
+            raise ValueError(
+                "Score: expected exactly one field with role 'offset' or 'weight' (the per-expert offset), "
+                f"got {[field.name for field in carriers]}"
+            )
+        if self.translatable_slope and field_with_role(self.fields, "slope") is None:
+            raise ValueError("Score: translatable_slope needs a field with role 'slope'")
+
+    @property
+    def offset_field(self) -> Field:
+        """The field that carries the per-expert offset (translations and weights act on it)."""
+        return (fields_with_role(self.fields, "offset") + fields_with_role(self.fields, "weight"))[0]
+
+    @property
+    def log_offset(self) -> bool:
+        """True when the offset is the log of a weight field rather than the field itself."""
+        return self.offset_field.role == "weight"
+
+    def offset_of(self, gate: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+        """The per-expert offset, (k,)."""
+        if self.offset is not None:
+            return self.offset(gate)
+        value = gate[self.offset_field.name]
+        return jnp.log(value) if self.log_offset else value
 
 
 SCORES: dict[str, Score] = {
-    "linear": Score(BETA_FIELDS, _linear_slope, beta0_offset, translatable_slope=True, affine=True),
-    "euclidean": Score(BETA_FIELDS, _euclidean_slope, beta0_offset),
-    "laplace": Score(BETA_FIELDS, _laplace_slope, beta0_offset),
+    "linear": Score(BETA_FIELDS, _linear_slope, translatable_slope=True, affine=True),
+    "euclidean": Score(LOCATION_FIELDS, _euclidean_slope),
+    "laplace": Score(LOCATION_FIELDS, _laplace_slope),
     "gaussian": Score(
         (
-            Field("weight", ("k",), "positive", "Gaussian-gate weights w (π_i ∝ w_i N(x | c_i, Γ_i))"),
-            Field("centre", ("k", "d"), "real", "Gaussian-gate centres c"),
-            Field("covariance", ("k", "d", "d"), "positive_definite", "Gaussian-gate covariances Γ"),
+            Field("weight", ("k",), "positive", "Gaussian-gate weights w (π_i ∝ w_i N(x | c_i, Γ_i))", role="weight"),
+            Field("centre", ("k", "d"), "real", "Gaussian-gate centres c", role="location"),
+            Field("covariance", ("k", "d", "d"), "positive_definite", "Gaussian-gate covariances Γ", role="covariance"),
         ),
         _gaussian_log_density,
-        _log_weight_offset,
-        offset_field="weight",
-        log_offset=True,
     ),
 }
 
@@ -179,7 +204,7 @@ NORMALISERS: dict[str, Normaliser] = {
 TEMPERATURE_MODES = (None, "fitted", "fixed")
 TOP_K_KEYS = ("slope", "score")
 
-TAU_FIELD = Field("tau", (), "positive", "shared temperature τ")
+TAU_FIELD = Field("tau", (), "positive", "shared temperature τ", role="temperature")
 
 # ----------------------------------------------------------------------------------------------
 # The gate record.
@@ -241,6 +266,11 @@ class Gate:
     def slope_translatable(self) -> bool:
         """True when a common shift t₁ of every β₁ also leaves π unchanged."""
         return self.shift_invariant and SCORES[self.score].translatable_slope and self.activation is None
+
+    @property
+    def slope_field(self) -> Field | None:
+        """The score's field with role ``slope`` (β₁ of the linear score), or None."""
+        return field_with_role(SCORES[self.score].fields, "slope")
 
     @property
     def affine_in_parameters(self) -> bool:
@@ -314,8 +344,8 @@ def gate_scores(gate: Gate, gate_params: Mapping[str, jnp.ndarray], x: jnp.ndarr
     slope = gate_slope(gate, gate_params, x)
     activated = ACTIVATIONS[gate.activation](slope) if gate.activation else slope
     if gate.temperature is not None:
-        activated = activated / gate_params["tau"]
-    return slope, activated + SCORES[gate.score].offset(gate_params)[None, :]
+        activated = activated / gate_params[TAU_FIELD.name]
+    return slope, activated + SCORES[gate.score].offset_of(gate_params)[None, :]
 
 
 def top_k_mask(selection_key: jnp.ndarray, top_k: int) -> jnp.ndarray:
@@ -356,10 +386,11 @@ def translate_gate(
     """
     translated = dict(gate_params)
     score = SCORES[gate.score]
-    offset = gate_params[score.offset_field]
-    translated[score.offset_field] = offset * jnp.exp(shift) if score.log_offset else offset + shift
+    offset = score.offset_field.name
+    translated[offset] = gate_params[offset] * jnp.exp(shift) if score.log_offset else gate_params[offset] + shift
     if slope_shift is not None and gate.slope_translatable:
-        translated["beta1"] = gate_params["beta1"] + slope_shift
+        slope = gate.slope_field.name
+        translated[slope] = gate_params[slope] + slope_shift
     return translated
 
 
@@ -368,9 +399,8 @@ def canonical_gate(gate: Gate, gate_params: Mapping[str, jnp.ndarray]) -> dict[s
     if not gate.shift_invariant:
         return dict(gate_params)
     score = SCORES[gate.score]
+    offset = gate_params[score.offset_field.name]
     if score.log_offset:
-        return translate_gate(gate, gate_params, -jnp.log(jnp.sum(gate_params[score.offset_field])))
-    reference_slope = gate_params["beta1"][-1] if gate.slope_translatable else None
-    return translate_gate(
-        gate, gate_params, -gate_params[score.offset_field][-1], None if reference_slope is None else -reference_slope
-    )
+        return translate_gate(gate, gate_params, -jnp.log(jnp.sum(offset)))
+    reference_slope = gate_params[gate.slope_field.name][-1] if gate.slope_translatable else None
+    return translate_gate(gate, gate_params, -offset[-1], None if reference_slope is None else -reference_slope)

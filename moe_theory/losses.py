@@ -147,9 +147,9 @@ import numpy as np
 
 from . import linalg
 from .experts import GaussianLinear
-from .gates import NORMALISERS, SCORES, TAU_FIELD, Gate, translate_gate
+from .gates import NORMALISERS, SCORES, Gate, translate_gate
 from .models import Family, canonicalize, expert_log_prob, gate_log_weights, mean_function
-from .params import MoEParams
+from .params import MoEParams, field_with_role, fields_with_role
 from .sampling import InputDistribution, UniformInputs
 
 __all__ = [
@@ -332,9 +332,9 @@ def atom_spec(family: Family, weight: str | None = None) -> AtomSpec:
         raise ValueError(f"weight: unknown weight rule {weight!r}; expected one of {sorted(WEIGHT_RULES)}")
     # The offset field carries the weight; τ is shared. Everything else per expert is an atom block.
     offset = SCORES[gate.score].offset_field
-    gate_blocks = tuple(Block(f.name, "gate") for f in gate.fields if f.name not in (offset, TAU_FIELD.name))
+    gate_blocks = tuple(Block(f.name, "gate") for f in gate.fields if f != offset and f.role != "temperature")
     expert_blocks = tuple(Block(f.name, "expert") for f in family.expert.fields)
-    shared = (Block(TAU_FIELD.name, "gate"),) if gate.temperature is not None else ()
+    shared = tuple(Block(f.name, "gate") for f in fields_with_role(gate.fields, "temperature"))
     return AtomSpec(gate_blocks + expert_blocks, weight, shared)
 
 
@@ -346,7 +346,7 @@ class _Atoms(NamedTuple):
 
 def _extract_atoms(gate: Gate, spec: AtomSpec, gate_params: dict, expert_params: dict) -> _Atoms:
     groups = {"gate": gate_params, "expert": expert_params}
-    offset = SCORES[gate.score].offset(gate_params)
+    offset = SCORES[gate.score].offset_of(gate_params)
     if spec.weight == "exp_offset":
         weights = jnp.exp(offset)
     elif spec.weight == "sigmoid_offset":
@@ -505,7 +505,7 @@ def _profile(config: _LossConfig, fitted: MoEParams, true: _Atoms, exponents: np
 
 
 def _slope_block_index(config: _LossConfig) -> int:
-    return config.spec.block_names.index("beta1")
+    return config.spec.block_names.index(config.family.gate.slope_field.name)
 
 
 def _newton_direction(config, fitted, true, exponents, slope_shift, smoothing) -> jnp.ndarray:
@@ -531,7 +531,7 @@ def _newton_direction(config, fitted, true, exponents, slope_shift, smoothing) -
 
 def _search_slope_shift(config, fitted, true, exponents) -> jnp.ndarray:
     block = _slope_block_index(config)
-    fitted_slopes = fitted.gate["beta1"]
+    fitted_slopes = fitted.gate[config.family.gate.slope_field.name]
     true_slopes = true.blocks[block]
     dim = fitted_slopes.shape[-1]
     # Align every fitted slope onto every true slope: translation-equivariant starts that contain
@@ -785,7 +785,8 @@ def _regression_distances_at(family, fitted_family, fitted, truth, grid_points, 
         return tuple(_log_mixture_density(family, params, log_gate, x, y) for params, log_gate in pairs)
 
     means = jnp.concatenate([family.expert.mean(fitted.expert, x)[0], family.expert.mean(truth.expert, x)[0]])
-    deviations = jnp.sqrt(jnp.concatenate([fitted.expert["nu"], truth.expert["nu"]]))
+    variance = field_with_role(family.expert.fields, "variance").name
+    deviations = jnp.sqrt(jnp.concatenate([fitted.expert[variance], truth.expert[variance]]))
     grid = jnp.sort(jnp.ravel(means[:, None] + deviations[:, None] * grid_points[None, :]))
     left, right = grid[:-1], grid[1:]
 
@@ -825,9 +826,11 @@ def _regression_distances_at(family, fitted_family, fitted, truth, grid_points, 
 
 
 def _regression_distances(family, fitted_family, fitted, truth, x, grid_size, num_quadrature):
-    for params, what in ((fitted, "fitted"), (truth, "truth")):
-        if "nu" not in params.expert:
-            raise ValueError(f"density_distances: {what}.expert has no noise variance 'nu'; regression experts need one")
+    if field_with_role(family.expert.fields, "variance") is None:
+        raise ValueError(
+            f"density_distances: the {family.expert.name} expert declares no field with role 'variance'; "
+            "the quadrature grid of a regression expert is scaled by its noise variance"
+        )
     grid_points = jnp.linspace(-_GRID_HALF_WIDTH, _GRID_HALF_WIDTH, grid_size)
     legendre = tuple(jnp.asarray(a) for a in np.polynomial.legendre.leggauss(num_quadrature))
     at = partial(_regression_distances_at, family, fitted_family, fitted, truth, grid_points, legendre)

@@ -5,7 +5,7 @@ A fitted or true mixture of experts with k experts is described by two groups of
 * ``gate``   -- the gating parameters, for example β₀ ∈ R^k and β₁ ∈ R^{k×d} of the softmax gate
   π_i(x) ∝ exp(β_{1i}ᵀx + β_{0i}), or (w, c, Γ) of the Gaussian gate π_i(x) ∝ w_i N(x | c_i, Γ_i);
 * ``expert`` -- the expert parameters, for example (a, b, ν) of Gaussian-linear experts
-  y | expert i ~ N(a_iᵀx + b_i, ν_i), with ν_i a *variance* (THEORY.md §2).
+  y | expert i ~ N(a_iᵀx + b_i, ν_i), with ν_i a *variance* (``docs/experts.md``).
 
 :class:`MoEParams` holds both as ``dict[str, Array]``; it is a JAX pytree, so it passes through
 ``jit``, ``vmap`` and ``grad`` unchanged. Which keys exist and what shapes they have is declared by
@@ -19,6 +19,11 @@ The same schema drives three things:
    shape and value checked and any error naming the field (``expert.nu``) and what was expected;
 2. :func:`params_to_dict` writes them back to plain nested lists;
 3. the fitters map each constrained field to an unconstrained one (``positive`` fields via log).
+
+Each field also declares its **role**, what the array *means* to the generic machinery (see
+:data:`ROLES`): starts, Newton constraints, translations, losses and samplers look a field up by
+its role (:func:`field_with_role`), never by its name, so a new gate or expert with fields of its
+own names works with all of them. The mathematics is in ``docs/gates.md`` and ``docs/experts.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,20 @@ import jax.numpy as jnp
 import numpy as np
 
 CONSTRAINTS = ("real", "positive", "positive_definite")
+
+ROLES: dict[str, str] = {
+    "offset": "additive per-expert gate offset (β₀); a softmax translation t₀ adds to it",
+    "weight": "positive per-expert gate weight w, whose log is the gate's offset (the Gaussian gate)",
+    "slope": "gate slope multiplying the input (β₁ of the linear score); a softmax translation t₁ adds to it",
+    "location": "a point in input space per expert (Euclidean and Laplace β₁, Gaussian-gate centre c)",
+    "covariance": "a d × d covariance matrix per expert (Gaussian-gate Γ)",
+    "temperature": "the gate temperature τ shared by all experts",
+    "coefficient": "other real per-expert coefficients of a score or an expert (a, b, η₀, η₁, γ)",
+    "variance": "an expert's noise variance ν",
+}
+"""The roles a :class:`Field` may declare, with what each means to the generic code."""
+
+_ROLE_CONSTRAINTS = {"weight": "positive", "variance": "positive", "temperature": "positive", "covariance": "positive_definite"}
 
 
 class ParameterError(ValueError):
@@ -46,22 +65,45 @@ class Field:
         constraint: ``"real"``, ``"positive"`` (every entry > 0) or ``"positive_definite"``
             (each trailing d×d matrix symmetric positive definite).
         description: what the field means, with its paper symbol; used in error messages.
+        role: what the field means to the generic code, a key of :data:`ROLES`. Roles that imply
+            a constraint (a variance is positive, a covariance positive definite) must carry it.
     """
 
     name: str
     shape: tuple[int | str, ...]
     constraint: str = "real"
     description: str = ""
+    role: str = "coefficient"
 
     def __post_init__(self) -> None:
         if self.constraint not in CONSTRAINTS:
             raise ValueError(f"Field {self.name!r}: unknown constraint {self.constraint!r}; expected one of {CONSTRAINTS}")
+        if self.role not in ROLES:
+            raise ValueError(f"Field {self.name!r}: unknown role {self.role!r}; expected one of {sorted(ROLES)}")
+        needed = _ROLE_CONSTRAINTS.get(self.role)
+        if needed is not None and self.constraint != needed:
+            raise ValueError(f"Field {self.name!r}: a {self.role} must have constraint {needed!r}, got {self.constraint!r}")
 
     def resolve_shape(self, num_experts: int, dim: int, num_classes: int | None) -> tuple[int, ...]:
         sizes = {"k": num_experts, "d": dim}
         if num_classes is not None:
             sizes["C-1"] = num_classes - 1
         return tuple(sizes[s] if isinstance(s, str) else s for s in self.shape)
+
+
+def fields_with_role(fields: tuple[Field, ...], role: str) -> tuple[Field, ...]:
+    """The fields of ``fields`` that declare ``role`` (in schema order)."""
+    if role not in ROLES:
+        raise ValueError(f"role: unknown role {role!r}; expected one of {sorted(ROLES)}")
+    return tuple(field for field in fields if field.role == role)
+
+
+def field_with_role(fields: tuple[Field, ...], role: str) -> Field | None:
+    """The one field declaring ``role``, or None; more than one is a schema error."""
+    found = fields_with_role(fields, role)
+    if len(found) > 1:
+        raise ValueError(f"role {role!r}: expected at most one field, got {[field.name for field in found]}")
+    return found[0] if found else None
 
 
 class MoEParams(NamedTuple):

@@ -36,7 +36,7 @@ from jax.flatten_util import ravel_pytree
 from .. import linalg
 from ..gates import SCORES
 from ..models import Family
-from ..params import Field
+from ..params import Field, field_with_role
 
 
 def _log_cholesky(matrix: jnp.ndarray) -> jnp.ndarray:
@@ -83,12 +83,14 @@ def gate_free_mask(family: Family, like: Mapping[str, jnp.ndarray]) -> dict[str,
     gate = family.gate
     mask = {name: jnp.ones_like(value) for name, value in like.items()}
     if gate.shift_invariant:
-        offset = SCORES[gate.score].offset_field
+        offset = SCORES[gate.score].offset_field.name
         mask[offset] = mask[offset].at[-1].set(0.0)
         if gate.slope_translatable:
-            mask["beta1"] = mask["beta1"].at[-1].set(0.0)
+            slope = gate.slope_field.name
+            mask[slope] = mask[slope].at[-1].set(0.0)
     if gate.temperature == "fixed":
-        mask["tau"] = jnp.zeros_like(mask["tau"])
+        tau = field_with_role(gate.fields, "temperature").name
+        mask[tau] = jnp.zeros_like(mask[tau])
     for field in gate.fields:
         if field.constraint == "positive_definite":
             # Only the lower triangle of a log-Cholesky factor is a coordinate.
