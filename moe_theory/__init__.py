@@ -15,7 +15,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-from .experts import EXPERTS, GaussianLinear, MultinomialLogistic, NonlinearRegression, make_expert  # noqa: E402
+from .experts import EXPERTS, Expert, GaussianLinear, MultinomialLogistic, NonlinearRegression, make_expert  # noqa: E402
 from .gates import ACTIVATIONS, GATES, NORMALISERS, SCORES, TRANSFORMS, Gate, make_gate  # noqa: E402
 from .models import (  # noqa: E402
     Family,
@@ -32,8 +32,8 @@ from .models import (  # noqa: E402
     responsibilities,
     validate_params,
 )
-from .params import MoEParams, ParameterError, params_to_dict  # noqa: E402
-from .sampling import INPUTS, make_inputs, sample  # noqa: E402
+from .params import ROLES, Field, MoEParams, ParameterError, params_to_dict  # noqa: E402
+from .sampling import INPUTS, InputDistribution, make_inputs, sample  # noqa: E402
 from . import fit, init, losses, rates  # noqa: E402  (submodules: estimators, starts, scoring, rates)
 
 __version__ = "0.1.0"
@@ -44,11 +44,15 @@ __all__ = [
     "GATES",
     "INPUTS",
     "NORMALISERS",
+    "ROLES",
     "SCORES",
     "TRANSFORMS",
+    "Expert",
     "Family",
+    "Field",
     "GaussianLinear",
     "Gate",
+    "InputDistribution",
     "MoEParams",
     "MultinomialLogistic",
     "NonlinearRegression",

@@ -1,6 +1,6 @@
 """Experts f(y | x; η_i): log-densities, regression functions, samplers, closed-form M-steps.
 
-Registered experts (THEORY.md §2):
+Registered experts:
 
 * ``gaussian`` -- Gaussian linear regression [1]: y | i ~ N(a_iᵀx + b_i, ν_i), **ν_i a variance**
   (the authors' code draws with standard deviations 0.3 and 0.4, i.e. ν = 0.09 and 0.16).
@@ -16,11 +16,18 @@ Registered experts (THEORY.md §2):
   a density expert as well as a regression function. With act = identity it is exactly the
   Gaussian-linear expert (a = η₁, b = η₀).
 
+**Adding an expert.** Experts form an open registry, like gates: subclass :class:`Expert` as a
+frozen dataclass that declares its ``fields`` (each with its role, see :data:`moe_theory.params.ROLES`)
+and implements ``log_prob``, ``sample`` and ``mean``, then add it to :data:`EXPERTS`. Sampling,
+validation, likelihoods, EM (Newton M-steps from automatic differentiation, unless the expert
+offers a closed-form ``weighted_mstep``), starts, losses and sweeps then work for it;
+``tests/test_extending.py`` does exactly this.
+
 Each expert is a frozen (hashable) dataclass, so that it can be part of a static family record.
 Arrays follow one convention: x is (n, d); y is (n,) (float, or int class labels); per-expert
-results are (n, k).
+results are (n, k). The mathematics is in ``docs/experts.md``.
 
-Papers (THEORY.md §6): [1] arXiv 2305.03288, [4] 2310.14188, [5] 2405.13997, [10] 2402.02952.
+Papers: [1] arXiv 2305.03288, [4] 2310.14188, [5] 2405.13997, [10] 2402.02952.
 """
 
 from __future__ import annotations
@@ -50,7 +57,43 @@ def _gaussian_sample(key: jax.Array, mean: jnp.ndarray, variance: jnp.ndarray, l
 
 
 @dataclass(frozen=True)
-class GaussianLinear:
+class Expert:
+    """Base of every expert f(y | x; η_i): a static, hashable record.
+
+    Class attributes a subclass sets:
+        name: registry key.
+        fields: the parameter schema (:class:`~moe_theory.params.Field`, each with its role).
+        is_classifier: y holds integer classes 0..C−1 and the family needs ``num_classes``.
+        has_closed_form_mstep: the expert implements ``weighted_mstep``; otherwise EM takes damped
+            Newton steps on its weighted log-likelihood.
+    """
+
+    name: ClassVar[str] = "expert"
+    fields: ClassVar[tuple[Field, ...]] = ()
+    is_classifier: ClassVar[bool] = False
+    has_closed_form_mstep: ClassVar[bool] = False
+
+    def log_prob(self, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+        """log f(y_j | x_j; η_i), shape (n, k)."""
+        raise NotImplementedError
+
+    def sample(self, key: jax.Array, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+        """y_j ~ f(· | x_j; η_{labels_j}), shape (n,)."""
+        raise NotImplementedError
+
+    def mean(self, expert: Mapping[str, jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
+        """E[y | x, expert i]: (n, k) for regression experts, class probabilities (n, k, C) for classifiers."""
+        raise NotImplementedError
+
+    def weighted_mstep(
+        self, x: jnp.ndarray, y: jnp.ndarray, weights: jnp.ndarray, variance_floor: float = 0.0
+    ) -> dict[str, jnp.ndarray]:
+        """Closed-form maximiser of Σ_j Σ_i ω_{ji} log f(y_j | x_j; η_i), where one exists."""
+        raise NotImplementedError(f"the {self.name} expert has no closed-form M-step")
+
+
+@dataclass(frozen=True)
+class GaussianLinear(Expert):
     """y | expert i ~ N(a_iᵀx + b_i, ν_i) with ν_i a variance."""
 
     name: ClassVar[str] = "gaussian"
@@ -93,7 +136,7 @@ class GaussianLinear:
 
 
 @dataclass(frozen=True)
-class MultinomialLogistic:
+class MultinomialLogistic(Expert):
     """P(y = c | x, expert i) = softmax_c(η_{1ic}ᵀx + η_{0ic}), the last class fixed at 0."""
 
     name: ClassVar[str] = "multinomial_logistic"
@@ -128,7 +171,7 @@ class MultinomialLogistic:
 
 
 @dataclass(frozen=True)
-class NonlinearRegression:
+class NonlinearRegression(Expert):
     """y | expert i ~ N(act(η_{1i}ᵀx + η_{0i}), ν_i)."""
 
     activation: str = "relu"
@@ -155,16 +198,15 @@ class NonlinearRegression:
         return _gaussian_sample(key, self.mean(expert, x), expert["nu"], labels)
 
 
-Expert = GaussianLinear | MultinomialLogistic | NonlinearRegression
-
-EXPERTS: dict[str, type] = {cls.name: cls for cls in (GaussianLinear, MultinomialLogistic, NonlinearRegression)}
+EXPERTS: dict[str, type[Expert]] = {cls.name: cls for cls in (GaussianLinear, MultinomialLogistic, NonlinearRegression)}
+"""Registered experts by name; add an :class:`Expert` subclass here to make it available by name."""
 
 
 def make_expert(spec: str | Expert | Mapping[str, Any], **options: Any) -> Expert:
     """Build an expert from a name (``"gaussian"``, ``"multinomial_logistic"``, ``"nonlinear"``),
     an expert instance, or a dict ``{"name": ..., **options}`` (e.g. ``{"name": "nonlinear",
     "activation": "gelu"}``)."""
-    if isinstance(spec, (GaussianLinear, MultinomialLogistic, NonlinearRegression)):
+    if isinstance(spec, Expert):
         return spec
     if isinstance(spec, Mapping):
         options = {**dict(spec), **options}

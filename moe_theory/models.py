@@ -1,4 +1,4 @@
-"""Gated mixture-of-experts families and their likelihoods (THEORY.md §3).
+"""Gated mixture-of-experts families and their likelihoods (``docs/estimators.md``).
 
 A family is a gate × an expert × k experts on d-dimensional inputs. Its conditional density is
 
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .experts import Expert, MultinomialLogistic, make_expert
+from .experts import Expert, make_expert
 from .gates import Gate, canonical_gate, log_gate_weights, make_gate
 from .params import Field, MoEParams, ParameterError, to_jax, validate_group
 
@@ -59,11 +59,11 @@ class Family:
             raise ValueError(
                 f"gate.top_k: K = {self.gate.top_k} exceeds the number of experts k = {self.num_experts}; expected K ≤ k"
             )
-        if isinstance(self.expert, MultinomialLogistic):
-            if not isinstance(self.num_classes, int) or self.num_classes < 2:
-                raise ValueError(f"num_classes: a multinomial-logistic expert needs an integer C ≥ 2, got {self.num_classes!r}")
+        if self.expert.is_classifier:
+            if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 2:
+                raise ValueError(f"num_classes: a {self.expert.name} expert needs an integer C ≥ 2, got {self.num_classes!r}")
         elif self.num_classes is not None:
-            raise ValueError(f"num_classes: only multinomial-logistic experts take classes, got {self.num_classes!r}")
+            raise ValueError(f"num_classes: only classifier experts take classes, got {self.num_classes!r}")
 
     @property
     def fields(self) -> dict[str, tuple[Field, ...]]:

@@ -6,7 +6,10 @@ A sample of size n from a family with parameters θ is drawn in three independen
     z_j | x_j ~ Categorical(π(x_j)) (the latent expert label; top-K zeros are never drawn),
     y_j | x_j, z_j ~ f(· | x_j; η_{z_j}).
 
-Input distributions (static, hashable records, so they can be ``jit`` arguments):
+Input distributions (static, hashable records, so they can be ``jit`` arguments) form an open
+registry, like gates and experts: subclass :class:`InputDistribution`, implement ``draw`` (and
+``draw_padded`` if the first n of ``size`` draws are not the n-point sample, as for the grid), and
+add the class to :data:`INPUTS`. The registered ones:
 
 * ``uniform``  -- uniform on the box [low, high]^d (bounds scalar or per coordinate);
 * ``normal``   -- N(mean, std²) independently per coordinate;
@@ -15,9 +18,10 @@ Input distributions (static, hashable records, so they can be ``jit`` arguments)
   the mixture is the Gaussian gate's own (w/Σw, c, Γ); then drawing x from it and z from the gate
   is the same as drawing z ~ Cat(w/Σw) first and x ~ N(c_z, Γ_z), which is [8]'s generative model.
 
-Everything is jit- and vmap-clean: replicates come from one ``jax.vmap`` over keys.
+Everything is jit- and vmap-clean: replicates come from one ``jax.vmap`` over keys. The models are
+described in ``docs/gates.md`` and ``docs/experts.md``.
 
-Papers: [1] arXiv 2305.03288, [8] arXiv 2305.07572 (THEORY.md §6).
+Papers: [1] arXiv 2305.03288, [8] arXiv 2305.07572.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import linalg
+from .gates import SCORES
 from .models import Family, gate_log_weights
 from .params import MoEParams
 
@@ -42,8 +47,36 @@ def _as_tuple(value: Any) -> Any:
     return float(value)
 
 
+def _gate_mixture(params: MoEParams) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """(log w, c, Γ) of the Gaussian gate π_i ∝ w_i N(x | c_i, Γ_i): its score's fields with roles
+    weight, location and covariance."""
+    names = {field.role: field.name for field in SCORES["gaussian"].fields}
+    if not all(name in params.gate for name in names.values()):
+        raise ValueError("inputs: from_gate=True needs the Gaussian gate (weights, centres and covariances)")
+    return jnp.log(params.gate[names["weight"]]), params.gate[names["location"]], params.gate[names["covariance"]]
+
+
 @dataclass(frozen=True)
-class UniformInputs:
+class InputDistribution:
+    """Base of every input distribution P_X: a static, hashable record with a registry ``name``."""
+
+    name: ClassVar[str] = "inputs"
+
+    def draw(self, key: jax.Array, n: int, dim: int, dtype, params: MoEParams) -> jnp.ndarray:
+        """n inputs, (n, d). ``params`` are the true parameters (for inputs that depend on the gate)."""
+        raise NotImplementedError
+
+    def draw_padded(self, key: jax.Array, n: jnp.ndarray, size: int, dim: int, dtype, params: MoEParams) -> jnp.ndarray:
+        """(size, d) inputs whose first n rows equal ``draw(key, n, ...)``, for a traced n ≤ size.
+
+        The default draws ``size`` points: with JAX's partitionable Threefry bits, independent draws
+        of a longer array start with the same values, so this holds for every i.i.d. distribution.
+        """
+        return self.draw(key, size, dim, dtype, params)
+
+
+@dataclass(frozen=True)
+class UniformInputs(InputDistribution):
     """x ~ Uniform([low, high]^d); ``low``/``high`` are scalars or length-d tuples."""
 
     low: Any = 0.0
@@ -57,7 +90,7 @@ class UniformInputs:
 
 
 @dataclass(frozen=True)
-class NormalInputs:
+class NormalInputs(InputDistribution):
     """x ~ N(mean, std²) independently per coordinate."""
 
     mean: Any = 0.0
@@ -71,7 +104,7 @@ class NormalInputs:
 
 
 @dataclass(frozen=True)
-class GridInputs:
+class GridInputs(InputDistribution):
     """The deterministic grid x_j = linspace(low, high, n)_j (d = 1 only), as in paper [1]'s code."""
 
     low: float = 0.0
@@ -83,9 +116,20 @@ class GridInputs:
             raise ValueError(f"inputs: the grid input distribution needs d = 1, got d = {dim}")
         return jnp.linspace(self.low, self.high, n, dtype=dtype)[:, None]
 
+    def draw_padded(self, key: jax.Array, n: jnp.ndarray, size: int, dim: int, dtype, params: MoEParams) -> jnp.ndarray:
+        """linspace(low, high, n) in the first n of ``size`` rows, with ``jnp.linspace``'s arithmetic
+        (low·(1 − t) + high·t with t = j/(n − 1), and the last point set to high)."""
+        if dim != 1:
+            raise ValueError(f"inputs: the grid input distribution needs d = 1, got d = {dim}")
+        index = jax.lax.iota(dtype, size)
+        step = index / jnp.asarray(n - 1, dtype)
+        low, high = jnp.asarray(self.low, dtype), jnp.asarray(self.high, dtype)
+        grid = low * (1 - step) + high * step
+        return jnp.where(jnp.arange(size) == n - 1, high, grid)[:, None]
+
 
 @dataclass(frozen=True)
-class GaussianMixtureInputs:
+class GaussianMixtureInputs(InputDistribution):
     """x ~ Σ_i p_i N(m_i, S_i), or the Gaussian gate's own mixture with ``from_gate=True``."""
 
     weights: tuple | None = None
@@ -107,10 +151,7 @@ class GaussianMixtureInputs:
 
     def draw(self, key: jax.Array, n: int, dim: int, dtype, params: MoEParams) -> jnp.ndarray:
         if self.from_gate:
-            if "covariance" not in params.gate:
-                raise ValueError("inputs: from_gate=True needs the Gaussian gate")
-            log_weights = jnp.log(params.gate["weight"])
-            means, covariances = params.gate["centre"], params.gate["covariance"]
+            log_weights, means, covariances = _gate_mixture(params)
         else:
             log_weights = jnp.log(jnp.asarray(self.weights, dtype))
             means = jnp.asarray(self.means, dtype).reshape(-1, dim)
@@ -122,14 +163,15 @@ class GaussianMixtureInputs:
         return means[components] + jnp.einsum("nij,nj->ni", cholesky, noise)
 
 
-InputDistribution = UniformInputs | NormalInputs | GridInputs | GaussianMixtureInputs
-
-INPUTS: dict[str, type] = {cls.name: cls for cls in (UniformInputs, NormalInputs, GridInputs, GaussianMixtureInputs)}
+INPUTS: dict[str, type[InputDistribution]] = {
+    cls.name: cls for cls in (UniformInputs, NormalInputs, GridInputs, GaussianMixtureInputs)
+}
+"""Registered input distributions by name; add an :class:`InputDistribution` subclass to extend."""
 
 
 def make_inputs(spec: str | InputDistribution | Mapping[str, Any]) -> InputDistribution:
     """An input distribution from a name (``"uniform"``), a record, or ``{"name": ..., **options}``."""
-    if isinstance(spec, (UniformInputs, NormalInputs, GridInputs, GaussianMixtureInputs)):
+    if isinstance(spec, InputDistribution):
         return spec
     options: dict[str, Any] = {}
     if isinstance(spec, Mapping):

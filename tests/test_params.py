@@ -232,9 +232,9 @@ BAD_RECORDS = [
     refused("non-integer experts", lambda: mt.make_family("softmax", "gaussian", 2.0),
             r"num_experts: expected .*got 2\.0"),
     refused("classifier without classes", lambda: mt.make_family("softmax", "multinomial_logistic", 2),
-            r"num_classes: a multinomial-logistic expert needs an integer C ≥ 2"),
+            r"num_classes: a multinomial_logistic expert needs an integer C ≥ 2"),
     refused("classes for a regression expert", lambda: mt.make_family("softmax", "gaussian", 2, 1, 3),
-            r"num_classes: only multinomial-logistic experts"),
+            r"num_classes: only classifier experts"),
     refused("unknown model key", lambda: mt.model_from_dict({"gate": "softmax", "params": {}, "experts": 2}),
             r"model: unknown key\(s\) \['experts'\]"),
 ]
