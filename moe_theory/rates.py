@@ -200,7 +200,7 @@ def _format_sizes(sizes: np.ndarray) -> str:
     return "[" + ", ".join(f"{size:g}" for size in sizes) + "]"
 
 
-def _ols(regressor: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ols(regressor: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Slope and intercept of response ≈ intercept + slope·regressor along the last axis.
 
     ``response`` may carry leading batch axes (bootstrap draws, windows), so a whole bootstrap
@@ -310,7 +310,7 @@ def fit_rate(
 
     log_sizes = np.log(data.sample_sizes)
     log_statistic = np.log(data.statistic_values)
-    slope, intercept = _ols(log_sizes, log_statistic)
+    slope, intercept = ols(log_sizes, log_statistic)
     residual_sum = _residual_sum_of_squares(log_sizes, log_statistic, slope, intercept)
     total_sum = float(np.sum((log_statistic - log_statistic.mean()) ** 2))
     r_squared = 1.0 - residual_sum / total_sum if total_sum > 0 else float("nan")
@@ -322,7 +322,7 @@ def fit_rate(
     for column, replicate_values in enumerate(data.values_by_size):
         draws = rng.integers(0, replicate_values.size, size=(n_boot, replicate_values.size))
         boot_log_statistic[:, column] = np.log(reduce(replicate_values[draws], axis=1))
-    boot_slopes, _ = _ols(log_sizes, boot_log_statistic)
+    boot_slopes, _ = ols(log_sizes, boot_log_statistic)
     tail = (1.0 - ci) / 2.0
     ci_low, ci_high = np.quantile(boot_slopes, [tail, 1.0 - tail])
 
@@ -374,7 +374,7 @@ def sliding_window_slopes(
     rows = []
     for start in range(num_sizes - window + 1):
         stop = start + window
-        slope, _ = _ols(log_sizes[start:stop], log_statistic[start:stop])
+        slope, _ = ols(log_sizes[start:stop], log_statistic[start:stop])
         rows.append(
             {
                 "n_min": data.sample_sizes[start],
@@ -467,9 +467,9 @@ def compare_power_vs_log(
     log_log_sizes = np.log(log_sizes)
     log_statistic = np.log(data.statistic_values)
 
-    power_slope, power_intercept = _ols(log_sizes, log_statistic)
+    power_slope, power_intercept = ols(log_sizes, log_statistic)
     power_rss = _residual_sum_of_squares(log_sizes, log_statistic, power_slope, power_intercept)
-    log_slope, log_intercept = _ols(log_log_sizes, log_statistic)
+    log_slope, log_intercept = ols(log_log_sizes, log_statistic)
     log_rss = _residual_sum_of_squares(log_log_sizes, log_statistic, log_slope, log_intercept)
 
     power_aic = _gaussian_aic(power_rss, num_points, _NUM_PARAMETERS_PER_MODEL)
