@@ -6,7 +6,7 @@ of ``configs/paper1_exact.yaml``, ``paper1_overfit.yaml``, ``paper1_overfit_k4.y
 ``paper1_overfit_converged.yaml`` and ``paper1_init.yaml`` (the latest run folder of each) and writes into ``results/paper1_summary/``:
 
 * ``authors_d1.csv``: the mean exact-fitted loss D₁ at the sizes nearest 1e2, 1e3, 1e4 and 1e5,
-  with and without the translation infimum, next to the authors' saved values (THEORY.md §5), and
+  with and without the translation infimum, next to the authors' saved values (docs/studies/paper1_softmax_gaussian.md), and
   the log-log slopes over all n and decade by decade (for the authors, between their four values;
   the ``n`` column of a slope row counts the sizes it used, ``ci`` is the uncorrected loss's);
 * ``converged.csv``: for ``paper1_overfit_converged``, the slopes of the mean and of the median of
@@ -40,7 +40,7 @@ from moe_theory import storage
 from moe_theory.rates import fit_rate
 
 AUTHORS_MEAN_D1 = {100: 0.73, 1_000: 0.30, 10_000: 0.12, 100_000: 0.025}
-"""The authors' mean D₁ (their uncorrected loss) at four sizes, THEORY.md §5."""
+"""The authors' mean D₁ (their uncorrected loss) at four sizes, docs/studies/paper1_softmax_gaussian.md."""
 AUTHORS_SLOPE = -0.64
 AUTHORS_OVERFIT_MIN_N = 10_000
 """The authors' over-fitted D₂ slope (−0.51) uses n from 1e4 to 1e5 only."""

@@ -1,4 +1,4 @@
-"""Gating functions π_i(x), i = 1..k, composed from four small parts (THEORY.md §1).
+"""Gating functions π_i(x), i = 1..k, composed from four small parts (docs/gates.md).
 
 Every gate computes its log-weights in the same pipeline::
 
@@ -31,7 +31,7 @@ with ``temperature="fixed"`` it stays at its given value.
 :class:`Score` entry in :data:`SCORES` declaring its fields; a new normaliser is one function
 ``log φ`` plus one :class:`Normaliser` entry; a named preset is one :data:`GATES` entry.
 
-**Translation and the canonical form** (THEORY.md §1). A gate whose normaliser is softmax is
+**Translation and the canonical form** (docs/gates.md). A gate whose normaliser is softmax is
 unchanged when the same t₀ is added to every offset; with the linear score and no activation it is
 also unchanged when the same t₁ is added to every β_{1i} (the selection key of top-K shifts by the
 common t₁ᵀx, so top-K keeps this invariance). The canonical form fixes the translation by putting
@@ -41,7 +41,7 @@ offset is log w, the canonical form instead scales the weights to sum to one, th
 [8]. The normalised-sigmoid gate has no such invariance and is its own canonical form.
 
 Papers: [1] arXiv 2305.03288, [2] 2309.13850, [3] 2401.13875, [4] 2310.14188, [6] 2602.01466,
-[8] 2305.07572, [9] 2410.02935 (numbering of THEORY.md §6).
+[8] 2305.07572, [9] 2410.02935 (numbering of docs/README.md#papers).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 r"""Voronoi losses between mixing measures, per-parameter errors, and density distances.
 
-Mixing measures (THEORY.md §4)
+Mixing measures (docs/losses.md)
 ------------------------------
 A model with k experts is the mixing measure G = Σ_i w_i δ_{θ_i}:
 
@@ -128,7 +128,7 @@ by Monte Carlo over ``num_inputs`` draws, with their Monte Carlo standard errors
   |p̂ − p*| mass between them). This is negligible next to the Monte Carlo standard error of
   E_x, ≈ sd_x/√num_inputs (typically 1–5 % relative for 1000 draws), which is the error to quote.
 
-Papers (THEORY.md §6): [1] Nguyen, Nguyen, Ho, NeurIPS 2023, arXiv 2305.03288; [2] arXiv 2309.13850;
+Papers (docs/README.md#papers): [1] Nguyen, Nguyen, Ho, NeurIPS 2023, arXiv 2305.03288; [2] arXiv 2309.13850;
 [3] 2401.13875; [4] 2310.14188; [5] 2405.13997; [6] 2602.01466; [8] Nguyen, Nguyen, Nguyen, Ho,
 AISTATS 2024, arXiv 2305.07572; [9] 2410.02935. J. Chen, "Optimal rate of convergence for finite
 mixture models", Annals of Statistics 23(1), 1995.
@@ -683,7 +683,7 @@ def voronoi_loss(
     canonical_truth: bool = True,
     search_steps: int = 40,
 ) -> VoronoiLoss:
-    """The Voronoi loss D(G, G*) of THEORY.md §4 (see the module docstring for the mathematics).
+    """The Voronoi loss D(G, G*) of docs/losses.md (see the module docstring for the mathematics).
 
     Args:
         family: gate × expert (its ``num_experts`` is not used: k and k* are read from the arrays).

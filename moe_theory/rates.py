@@ -62,7 +62,7 @@ interval widened by a tolerance (see its docstring). Measured slopes can beat th
 that are part of the protocol: in [1] the near-truth initialisation noise shrinks with n, which
 gives slopes near −0.64 for an n^{-1/2} rate.
 
-References (numbering of THEORY.md §6)
+References (numbering of docs/README.md#papers)
 --------------------------------------
 [1] Nguyen, Nguyen, Ho, NeurIPS 2023, arXiv 2305.03288.
 [2] Nguyen, Akbarian, Yan, Ho, ICLR 2024, arXiv 2309.13850.
@@ -542,7 +542,7 @@ class TheoreticalRate:
         setting: fitting regime, e.g. "exact", "overfit", "overfit_cell2", or "any".
         quantity: the error quantity, e.g. "D1", "beta1", "hellinger".
         exponent: the rate exponent (e.g. -0.5, -1/8), or None for "slower than any polynomial".
-        citation: the paper, numbered as in THEORY.md §6.
+        citation: the paper, numbered as in docs/README.md#papers.
         note: what the entry means and its conditions.
     """
 

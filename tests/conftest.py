@@ -1,6 +1,6 @@
 """Shared registries, parameter builders and the independent NumPy/SciPy oracle of the core tests.
 
-The oracle below re-derives THEORY.md §1–2 from the formulas alone. It reads only the *names* a
+The oracle below re-derives docs/gates.md and docs/experts.md from the formulas alone. It reads only the *names* a
 gate or expert record carries (score, normaliser, transform, activation, temperature, top_k,
 top_k_on; expert name and activation) and never calls package code:
 
@@ -223,7 +223,7 @@ def _log_sum_exp(terms: list[float]) -> float:
 
 
 def reference_log_gate_weights(gate: mt.Gate, gate_values: dict, x: np.ndarray) -> np.ndarray:
-    """log π_i(x_j), (n, k), by the four-step pipeline of THEORY.md §1, one sample at a time."""
+    """log π_i(x_j), (n, k), by the four-step pipeline of docs/gates.md, one sample at a time."""
     x = np.asarray(x, dtype=np.float64)
     num_samples = x.shape[0]
     num_experts = len(gate_values["weight" if gate.score == "gaussian" else "beta0"])

@@ -1,4 +1,4 @@
-"""Experts f(y | x; η_i) (THEORY.md §2) against scipy.stats and explicit loops.
+"""Experts f(y | x; η_i) (docs/experts.md) against scipy.stats and explicit loops.
 
 Oracles: scipy.stats.norm.logpdf for the Gaussian-linear and nonlinear experts (ν is a variance, so
 the scale is √ν), an explicit per-class softmax loop for the multinomial-logistic expert

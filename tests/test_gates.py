@@ -1,4 +1,4 @@
-"""Gates π_i(x) (THEORY.md §1): every preset and every registered part against the NumPy oracle.
+"""Gates π_i(x) (docs/gates.md): every preset and every registered part against the NumPy oracle.
 
 Oracles: ``reference_log_gate_weights`` in conftest.py (a per-sample loop over score → transform →
 activation/temperature → normaliser → top-K, with scipy.stats.multivariate_normal for the Gaussian

@@ -1,7 +1,7 @@
 """Tests for moe_theory.losses: Voronoi losses, per-parameter errors and density distances.
 
 The oracles are independent of the package: a plain NumPy nested-loop Voronoi loss written from
-THEORY.md §4 (its own canonical form, weights, block lists and exponent tables), a brute-force
+docs/losses.md (its own canonical form, weights, block lists and exponent tables), a brute-force
 grid search over translations (t₀, t₁), closed-form Hellinger and total-variation distances between
 two Gaussians, scipy.integrate.quad over y for mixtures, and plain sums for class probabilities.
 """
@@ -24,7 +24,7 @@ from moe_theory import losses
 from moe_theory.gates import translate_gate
 
 # ----------------------------------------------------------------------------------------------
-# Paper 1's true model (THEORY.md §5): expert 1 (β₀, β₁, b, a, ν) = (−8, 25, 15, −20, 0.09),
+# Paper 1's true model (docs/studies/paper1_softmax_gaussian.md): expert 1 (β₀, β₁, b, a, ν) = (−8, 25, 15, −20, 0.09),
 # expert 2 = (0, 0, −5, 20, 0.16), the reference expert.
 
 PAPER1_TRUTH = {
@@ -62,7 +62,7 @@ def take_experts(values: dict, order) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The NumPy reference: THEORY.md §4 as nested loops.
+# The NumPy reference: docs/losses.md as nested loops.
 
 REFERENCE_FAMILIES = {
     # gate preset, expert, atom blocks (group, field), weight rule, shared blocks, canonical form

@@ -1,4 +1,4 @@
-"""Families and likelihoods (THEORY.md §3): p(y|x) = Σ_i π_i(x) f(y|x; η_i) for every gate × expert.
+"""Families and likelihoods (docs/estimators.md): p(y|x) = Σ_i π_i(x) f(y|x; η_i) for every gate × expert.
 
 Oracles: the plain-loop mixture density and responsibilities of conftest.py (built on the loop
 gate pipeline and scipy.stats.norm / the class-softmax loop), a scipy.stats.norm mixture and

@@ -1,6 +1,6 @@
 """Parameter schemas, validation, conversion, and the static family records (moe_theory.params, models).
 
-Oracles: the schema of THEORY.md §1–2 (which fields exist, their shapes in k, d, C and their
+Oracles: the schema of docs/gates.md and docs/experts.md (which fields exist, their shapes in k, d, C and their
 constraints: ν > 0 is a variance, τ > 0, Γ symmetric positive definite), exact equality for
 round trips, and JAX's own trace counting for "a family compiles once".
 """

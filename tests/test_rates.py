@@ -1,7 +1,7 @@
 """Tests for moe_theory.rates: slope fitting, bootstrap intervals, diagnostics and the registry.
 
 Each test checks a known answer: synthetic data with a planted rate, an independent NumPy
-computation (np.polyfit, the delta method) or a value transcribed from THEORY.md §5.
+computation (np.polyfit, the delta method) or a value transcribed from docs/rates.md.
 """
 
 import dataclasses
