@@ -28,6 +28,7 @@ import pytest
 
 import moe_theory as mt
 from moe_theory.fit import EMConfig, fit_batch, fit_em, fit_em_trace
+from moe_theory.fit.api import fit_batch_program
 from moe_theory.fit.compiling import FAST_PATH_OPTIONS, accepted_options, program_options
 from moe_theory.fit.fast import MAX_DIM, ROUNDING_MARGIN, _FastState, _takes_full_step, fast_path_applies
 
@@ -260,7 +261,13 @@ def test_compiler_options_change_only_rounding():
     # Traced into a plain jit, the same fit compiles with XLA's defaults (nested jits carry no options).
     default = jax.jit(fit_em, static_argnames=("family", "config"))(family, start, x, y, None, TOL, CONFIG)
     _assert_same_fit(tuned, default, rtol=1e-12)
-    assert tuple(sorted(FAST_PATH_OPTIONS.items())) in fit_em._jitted  # the top-level call's program
+    # A top-level call compiles through the jit variant with the options, one jit per variant.
+    assert fit_batch_program(family, CONFIG) is fit_batch_program(family, CONFIG)
+    assert fit_batch_program(family, CONFIG) is not fit_batch_program(family, GENERIC)
+    # Traced under the caller's jit, the fit uses the defaults variant (nested jits carry no options).
+    chosen = []
+    jax.jit(lambda v: chosen.append(fit_batch_program(family, CONFIG, "em", (v,))) or v)(0.0)
+    assert chosen == [fit_batch_program(family, GENERIC)]
 
 
 def test_float32_fit_past_convergence_stays_monotone_and_on_the_float64_fit():
