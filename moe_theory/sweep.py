@@ -595,7 +595,7 @@ def run_study(
     then :meth:`StudyConfig.to_yaml`, as ``moe-theory run`` does). Cells already stored there are
     not recomputed. Returns the updated ``meta.json`` contents.
     """
-    from . import plotting, report
+    from . import plotting, report  # here, not at the top: matplotlib is slow to import and only a whole study draws
 
     run_dir = Path(run_dir)
     with storage.RunLock(run_dir) as lock:
