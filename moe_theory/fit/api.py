@@ -54,15 +54,15 @@ def em_solver(family: Family, config: EMConfig) -> Solver:
     return FastEM(family, config) if fast_path_applies(family, config) else GenericEM(family, config)
 
 
-def _fit_em(family: Family, params0: MoEParams, x, y, weights, tol, config: EMConfig) -> FitResult:
-    return run_solver(em_solver(family, config), params0, x, y, weights, tol)
+def _em_program(driver, family: Family, params0: MoEParams, x, y, weights, tol, config: EMConfig):
+    return driver(em_solver(family, config), params0, x, y, weights, tol)
 
 
-def _fit_em_trace(family: Family, params0: MoEParams, x, y, weights, tol, config: EMConfig):
-    return trace_solver(em_solver(family, config), params0, x, y, weights, tol)
-
-
-_EM_STATIC = ("family", "config")
+def _run_em(driver, family: Family, params0: MoEParams, x, y, weights, tol, config: EMConfig):
+    """``driver`` (:func:`~moe_theory.fit.solver.run_solver` or ``trace_solver``) on EM's solver, compiled."""
+    static = ("driver", "family", "config")
+    program = choose_program(_em_program, static, family, config, "em", (params0, x, y, weights, tol))
+    return program(driver, family, params0, x, y, weights, tol, config)
 
 
 def fit_em(
@@ -88,8 +88,7 @@ def fit_em(
     Returns:
         :class:`~moe_theory.fit.solver.FitResult`. Batch with ``jax.vmap`` or :func:`fit_batch`.
     """
-    program = choose_program(_fit_em, _EM_STATIC, family, config, "em", (params0, x, y, weights, tol))
-    return program(family, params0, x, y, weights, tol, config)
+    return _run_em(run_solver, family, params0, x, y, weights, tol, config)
 
 
 def fit_em_trace(
@@ -107,8 +106,7 @@ def fit_em_trace(
     result equals :func:`fit_em`'s. The trace holds ℓ(θ_t) for t = 0 .. max_iter − 1, with NaN
     after the fit stopped.
     """
-    program = choose_program(_fit_em_trace, _EM_STATIC, family, config, "em", (params0, x, y, weights, tol))
-    return program(family, params0, x, y, weights, tol, config)
+    return _run_em(trace_solver, family, params0, x, y, weights, tol, config)
 
 
 def _fit_one(family: Family, method: str, config: EMConfig, params0, x, y, weights, tol) -> FitResult:

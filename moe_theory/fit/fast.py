@@ -457,7 +457,10 @@ def _gate_direction(moments, gate, total):
 # Loop state and iteration.
 
 
-class _FastState(NamedTuple):
+class FastState(NamedTuple):
+    """The fast iteration's state: the accepted gate, the pending gate step and the experts, with the
+    solver-state fields of :mod:`moe_theory.fit.solver` (ℓ, previous ℓ, iteration, finite)."""
+
     gate: jnp.ndarray  # accepted free gate coordinates u_t, (k − 1, d + 1)
     direction: jnp.ndarray  # pending Newton direction δ_t (zeros before the first M-step)
     gain: jnp.ndarray  # Σ_i δ_iᵀ Σ_j ω_ji G_j of the pending step
@@ -477,7 +480,7 @@ def _improves(gain, change):
     return jnp.isfinite(difference) & (difference >= 0)
 
 
-def _takes_full_step(state: _FastState, candidate_log_normaliser) -> jnp.ndarray:
+def takes_full_step(state: FastState, candidate_log_normaliser) -> jnp.ndarray:
     """Whether the pending step is taken whole: there is none, or it passes the test Q(u + δ) ≥ Q(u),
     or its predicted improvement is below the rounding error of Σ w log Z and its value is finite
     (see "Steps below rounding" in the module docstring)."""
@@ -504,7 +507,7 @@ def _only_where(needed, compute, operands, otherwise):
     return lax.while_loop(lambda carry: carry[0], body, (needed, otherwise))[1]
 
 
-def _settle_and_evaluate(data: _Data, state: _FastState, max_halvings: int, active, with_moments: bool):
+def _settle_and_evaluate(data: _Data, state: FastState, max_halvings: int, active, with_moments: bool):
     """Decide the pending gate step as the generic step halving does (apart from steps below
     rounding, see the module docstring), and evaluate the E-step there.
 
@@ -514,7 +517,7 @@ def _settle_and_evaluate(data: _Data, state: _FastState, max_halvings: int, acti
     """
     candidate = state.gate + state.direction
     evaluated = _evaluate(data, candidate, state.expert, with_moments)
-    full_step = _takes_full_step(state, evaluated["log_normaliser"])
+    full_step = takes_full_step(state, evaluated["log_normaliser"])
     # A non-finite direction makes every trial value non-finite: all its trials would be rejected.
     searching = active & ~full_step & jnp.all(jnp.isfinite(state.direction))
     smallest = 0.5**max_halvings
@@ -563,7 +566,7 @@ class FastEM:
     def max_iter(self) -> int:
         return self.config.max_iter
 
-    def init(self, params0: MoEParams, x, y, weights) -> tuple[FastData, _FastState]:
+    def init(self, params0: MoEParams, x, y, weights) -> tuple[FastData, FastState]:
         unit_weights = weights is None
         mask = not unit_weights and jnp.result_type(weights) == jnp.bool_
         prepared, generic = prepare(self.family, self.config, params0, x, y, weights)
@@ -572,7 +575,7 @@ class FastEM:
         gate0 = jnp.concatenate([start.gate["beta0"][:-1, None], start.gate["beta1"][:-1]], axis=1)
         dtype = gate0.dtype
         nan = jnp.asarray(jnp.nan, dtype)
-        initial = _FastState(
+        initial = FastState(
             gate=gate0,
             direction=jnp.zeros_like(gate0),
             gain=jnp.zeros((), dtype),
@@ -587,7 +590,7 @@ class FastEM:
         )
         return FastData(columns, prepared.total), initial
 
-    def step(self, data: FastData, state: _FastState, active) -> _FastState:
+    def step(self, data: FastData, state: FastState, active) -> FastState:
         columns, total, config = data.columns, data.total, self.config
         gate, evaluated = _settle_and_evaluate(columns, state, config.max_halvings, active, True)
         moments = evaluated["moments"]
@@ -600,7 +603,7 @@ class FastEM:
         expert = _expert_mstep(state.expert, update, squares, responsibility, config.variance_floor)
         direction, gain, predicted = _gate_direction(moments, gate, total)
         log_likelihood = evaluated["log_likelihood"] / total
-        return _FastState(
+        return FastState(
             gate=gate,
             direction=direction,
             gain=gain,
@@ -614,7 +617,7 @@ class FastEM:
             finite=jnp.isfinite(log_likelihood) & all_finite((gate, expert)),
         )
 
-    def finish(self, data: FastData, state: _FastState, converged) -> FitResult:
+    def finish(self, data: FastData, state: FastState, converged) -> FitResult:
         gate, evaluated = _settle_and_evaluate(data.columns, state, self.config.max_halvings, jnp.asarray(True), False)
         final_log_likelihood = evaluated["log_likelihood"] / data.total
         reference = jnp.zeros((1, gate.shape[1]), gate.dtype)  # the reference expert's (β₀, β₁) = 0
