@@ -73,7 +73,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import moe_theory as mt  # noqa: E402
 from moe_theory.fit import EMConfig, fit_batch  # noqa: E402
-from moe_theory.fit.api import default_batch_size  # noqa: E402
+from moe_theory.fit.api import default_batch_size, fit_batch_program  # noqa: E402
 from moe_theory.fit.compiling import FAST_PATH_OPTIONS, accepted_options  # noqa: E402
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -254,7 +254,8 @@ def time_package(
     began = time.perf_counter()
     # fit_batch compiles with the XLA options the package picks for this family (moe_theory.fit.compiling);
     # traced inside a plain jit instead, it is compiled with XLA's defaults.
-    program = jax.jit(fit_batch, static_argnames=("family", "method", "config", "batch_size")) if xla_defaults else fit_batch
+    static = ("family", "method", "config", "batch_size")
+    program = jax.jit(fit_batch, static_argnames=static) if xla_defaults else fit_batch_program(family, config)
     compiled = program.lower(family, params, x, y, None, -1.0, "em", config, batch_size).compile()
     compile_seconds = time.perf_counter() - began
     buffers = compiled.memory_analysis()

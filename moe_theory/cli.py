@@ -28,10 +28,17 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from .fit.settings import EM_DEFAULTS, FIT_DEFAULTS, LIKELIHOODS, METHODS
+
+CLI_RANDOM_STARTS = 5
+"""Random starts of ``moe-theory fit`` (the API's default is one start, :data:`FIT_DEFAULTS`): a user's
+own data has no known truth to start near, so the command line fits from several starts by default."""
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +62,7 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _fit_command(args: argparse.Namespace) -> int:
     import jax
 
-    from .fit import EMConfig, fit
+    from .fit import fit
     from .models import make_family
     from .params import params_to_dict
 
@@ -64,7 +71,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     expert = json.loads(args.expert) if args.expert.startswith("{") else args.expert
     try:
         family = make_family(gate, expert, args.num_experts, x.shape[1], args.num_classes)
-        config = EMConfig(max_iter=args.max_iter, gate_steps=args.gate_steps, likelihood=args.likelihood)
+        config = replace(EM_DEFAULTS, max_iter=args.max_iter, gate_steps=args.gate_steps, likelihood=args.likelihood)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if family.expert.is_classifier:
@@ -300,13 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--expert", default="gaussian", help="expert name or a JSON dict (default gaussian)")
     fit_parser.add_argument("--num-experts", "-k", type=int, required=True, help="number of experts k")
     fit_parser.add_argument("--num-classes", type=int, default=None, help="classes C for multinomial-logistic experts")
-    fit_parser.add_argument("--method", choices=("em", "mle"), default="em")
-    fit_parser.add_argument("--n-init", type=int, default=5, help="random starts; the best is kept (default 5)")
-    fit_parser.add_argument("--tol", type=float, default=1e-6, help="relative log-likelihood tolerance")
-    fit_parser.add_argument("--max-iter", type=int, default=2000)
-    fit_parser.add_argument("--gate-steps", type=int, default=1, help="gate Newton steps per EM iteration")
+    fit_parser.add_argument("--method", choices=METHODS, default=FIT_DEFAULTS.method)
+    fit_parser.add_argument("--n-init", type=int, default=CLI_RANDOM_STARTS,
+                            help=f"random starts; the best is kept (default {CLI_RANDOM_STARTS})")
+    fit_parser.add_argument("--tol", type=float, default=FIT_DEFAULTS.tol,
+                            help=f"relative log-likelihood tolerance (default {FIT_DEFAULTS.tol:g})")
+    fit_parser.add_argument("--max-iter", type=int, default=EM_DEFAULTS.max_iter)
+    fit_parser.add_argument("--gate-steps", type=int, default=EM_DEFAULTS.gate_steps,
+                            help="gate Newton steps per EM iteration")
     fit_parser.add_argument(
-        "--likelihood", choices=("conditional", "joint"), default="conditional",
+        "--likelihood", choices=LIKELIHOODS, default=EM_DEFAULTS.likelihood,
         help="log p(y|x) (default), or log p(x,y) for the Gaussian gate (paper 8)",
     )
     fit_parser.add_argument("--seed", type=int, default=0)

@@ -65,7 +65,8 @@ import numpy as np
 import yaml
 
 from .experts import GaussianLinear
-from .fit.em import LIKELIHOODS, check_joint_likelihood
+from .fit.em import check_joint_likelihood
+from .fit.settings import EM_DEFAULTS, FIT_DEFAULTS, LIKELIHOODS, METHODS
 from .gates import GATES, Gate
 from .init import NearTruthNoise
 from .losses import EXPONENT_TABLES, TRANSLATIONS, atom_spec
@@ -94,7 +95,6 @@ __all__ = [
 GRID_AXES = ("num_experts", "method", "init", "n_init", "gate_steps")
 """Keys of ``fit`` that may be lists; their product is the set of fit groups."""
 
-METHODS = ("em", "mle")
 INITS = ("near_truth", "random")
 DTYPES = ("float64", "float32")
 DISTANCES = ("hellinger", "tv")
@@ -659,18 +659,18 @@ def _parse_fit(ctx: _Context, raw: Any, num_true: int) -> FitSettings:
     )
     return FitSettings(
         num_experts=_one_or_many(ctx, fit["num_experts"], "fit.num_experts", k_value),
-        method=_one_or_many(ctx, fit.get("method", "em"), "fit.method", lambda v, p: _choice(ctx, v, p, METHODS)),
+        method=_one_or_many(ctx, fit.get("method", FIT_DEFAULTS.method), "fit.method", lambda v, p: _choice(ctx, v, p, METHODS)),
         init=_one_or_many(ctx, fit.get("init", "near_truth"), "fit.init", lambda v, p: _choice(ctx, v, p, INITS)),
-        n_init=_one_or_many(ctx, fit.get("n_init", 1), "fit.n_init", lambda v, p: _int(ctx, v, p, minimum=1)),
-        gate_steps=_one_or_many(ctx, fit.get("gate_steps", 1), "fit.gate_steps", lambda v, p: _int(ctx, v, p, minimum=0)),
+        n_init=_one_or_many(ctx, fit.get("n_init", FIT_DEFAULTS.n_init), "fit.n_init", lambda v, p: _int(ctx, v, p, minimum=1)),
+        gate_steps=_one_or_many(ctx, fit.get("gate_steps", EM_DEFAULTS.gate_steps), "fit.gate_steps", lambda v, p: _int(ctx, v, p, minimum=0)),
         near_truth=noise,
-        tol=_float(ctx, fit.get("tol", 1e-6), "fit.tol", minimum=0),
-        max_iter=_int(ctx, fit.get("max_iter", 2000), "fit.max_iter", minimum=1),
-        expert_steps=_int(ctx, fit.get("expert_steps", 1), "fit.expert_steps", minimum=0),
-        inner_tol=_float(ctx, fit.get("inner_tol", 1e-12), "fit.inner_tol", minimum=0),
-        max_halvings=_int(ctx, fit.get("max_halvings", 20), "fit.max_halvings", minimum=0),
-        variance_floor=_float(ctx, fit.get("variance_floor", 0.0), "fit.variance_floor", minimum=0),
-        likelihood=_choice(ctx, fit.get("likelihood", "conditional"), "fit.likelihood", LIKELIHOODS),
+        tol=_float(ctx, fit.get("tol", FIT_DEFAULTS.tol), "fit.tol", minimum=0),
+        max_iter=_int(ctx, fit.get("max_iter", EM_DEFAULTS.max_iter), "fit.max_iter", minimum=1),
+        expert_steps=_int(ctx, fit.get("expert_steps", EM_DEFAULTS.expert_steps), "fit.expert_steps", minimum=0),
+        inner_tol=_float(ctx, fit.get("inner_tol", EM_DEFAULTS.inner_tol), "fit.inner_tol", minimum=0),
+        max_halvings=_int(ctx, fit.get("max_halvings", EM_DEFAULTS.max_halvings), "fit.max_halvings", minimum=0),
+        variance_floor=_float(ctx, fit.get("variance_floor", EM_DEFAULTS.variance_floor), "fit.variance_floor", minimum=0),
+        likelihood=_choice(ctx, fit.get("likelihood", EM_DEFAULTS.likelihood), "fit.likelihood", LIKELIHOODS),
         top_k=None if fit.get("top_k") is None else _int(ctx, fit["top_k"], "fit.top_k", minimum=1),
         dtype=_choice(ctx, fit.get("dtype", "float64"), "fit.dtype", DTYPES),
     )

@@ -1,6 +1,6 @@
 """Starting points for the fitters, all driven by explicit PRNG keys.
 
-**Near-truth initialisation** (the papers' protocol, THEORY.md §5, [1]). Each of the k fitted atoms is
+**Near-truth initialisation** (the papers' protocol, ``docs/estimators.md``, [1]). Each of the k fitted atoms is
 assigned to one of the k* true atoms: fitted atom i < k − 1 goes to true atom i mod k*, and the last
 fitted atom always goes to the last true atom, the reference expert of softmax-type gates. The
 assigned true parameters are copied and perturbed with noise whose scale shrinks with n:
@@ -14,11 +14,9 @@ The paper-1 code uses (c, α) = (0.005, 0.083) on the gate, (0.05, 0.083) on the
 (0.005, 0.25) on the variances [1]. Set α = 0 for an n-independent start. The truth is put in
 canonical form first, so the fitted reference expert starts (and stays) at the reference.
 
-**Random initialisation** (needs no truth): k-means++ seeding [Arthur & Vassilvitskii, k-means++: the advantages of careful seeding, SODA 2007] on the
-standardised pairs (x, y) picks k data points; each sample is assigned to its nearest seed; then one
-M-step from those hard responsibilities gives the experts (closed form, or Newton from a neutral
-start) and a few gate Newton steps give the gate, starting from the uniform gate (β = 0) for the
-linear score and from the cluster means for location-type scores and Gaussian-gate centres.
+**Random initialisation** (needs no truth, k-means++ then one M-step) is
+:func:`moe_theory.fit.starts.random_init`, re-exported here: it runs EM's M-steps, so it lives with
+the fitters, and this module imports it from there (``moe_theory.fit`` never imports this module).
 
 [1] Nguyen, Nguyen, Ho, NeurIPS 2023, arXiv 2305.03288.
 """
@@ -26,15 +24,16 @@ linear score and from the cluster means for location-type scores and Gaussian-ga
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from .gates import SCORES
+from .fit.starts import random_init
 from .models import Family, canonicalize
 from .params import MoEParams
+
+__all__ = ["NearTruthNoise", "default_assignment", "near_truth_init", "random_init"]
 
 
 @dataclass(frozen=True)
@@ -111,92 +110,3 @@ def near_truth_init(
             out[field.name] = copied
         groups[group] = out
     return canonicalize(family, MoEParams(**groups))
-
-
-def _kmeans_plus_plus_labels(key: jax.Array, features: jnp.ndarray, weights: jnp.ndarray, num_clusters: int) -> jnp.ndarray:
-    """k-means++ seeding on ``features`` (n, m); returns each sample's nearest-seed index."""
-    keys = jax.random.split(key, num_clusters)
-    first = jax.random.categorical(keys[0], jnp.log(weights))
-    nearest = jnp.sum((features - features[first]) ** 2, axis=-1)
-    seeds = jnp.zeros((num_clusters, features.shape[1]), features.dtype).at[0].set(features[first])
-
-    def add_seed(i, carry):
-        seeds, nearest = carry
-        # Pick the next seed with probability ∝ w_j · D_j², D_j the distance to the nearest seed.
-        chosen = jax.random.categorical(keys[i], jnp.log(weights * nearest))
-        distance = jnp.sum((features - features[chosen]) ** 2, axis=-1)
-        return seeds.at[i].set(features[chosen]), jnp.minimum(nearest, distance)
-
-    seeds, _ = jax.lax.fori_loop(1, num_clusters, add_seed, (seeds, nearest))
-    distances = jnp.sum((features[:, None, :] - seeds[None]) ** 2, axis=-1)
-    return jnp.argmin(distances, axis=-1)
-
-
-@partial(jax.jit, static_argnames=("family", "gate_steps", "expert_steps"))
-def random_init(
-    key: jax.Array,
-    family: Family,
-    x: jnp.ndarray,
-    y: jnp.ndarray,
-    weights: jnp.ndarray | None = None,
-    smoothing: float = 0.05,
-    gate_steps: int = 5,
-    expert_steps: int = 10,
-    tau: float = 1.0,
-) -> MoEParams:
-    """A data-driven start that needs no truth (see the module docstring).
-
-    Hard k-means++ clusters of the standardised (x, y) become responsibilities, mixed with the
-    uniform ones by ``smoothing`` so that no expert is left without data; then one expert M-step
-    and ``gate_steps`` gate Newton steps. Temperature gates start at τ = ``tau``.
-    """
-    from .fit.em import EMConfig, expert_mstep, gate_mstep  # deferred: moe_theory.fit imports this module
-
-    dtype = x.dtype
-    n, k = x.shape[0], family.num_experts
-    weights = jnp.ones(n, dtype) if weights is None else jnp.asarray(weights, dtype)
-    response = jax.nn.one_hot(y, family.num_classes, dtype=dtype) if family.expert.is_classifier else y[:, None].astype(dtype)
-    features = jnp.concatenate([x, response], axis=1)
-    total = jnp.sum(weights)
-    centre = jnp.sum(weights[:, None] * features, axis=0) / total
-    spread = jnp.sqrt(jnp.sum(weights[:, None] * (features - centre) ** 2, axis=0) / total)
-    standardised = (features - centre) / jnp.where(spread > 0, spread, 1.0)
-    labels = _kmeans_plus_plus_labels(key, standardised, weights, k)
-    responsibilities = (1.0 - smoothing) * jax.nn.one_hot(labels, k, dtype=dtype) + smoothing / k
-    omega = weights[:, None] * responsibilities
-
-    cluster_mass = jnp.sum(omega, axis=0)
-    cluster_mean = (omega.T @ x) / cluster_mass[:, None]  # (k, d)
-    neutral_gate = {}
-    for field in family.gate.fields:
-        if field.name == "tau":
-            neutral_gate["tau"] = jnp.asarray(tau, dtype)
-        elif field.name == "weight":
-            neutral_gate["weight"] = cluster_mass / total
-        elif field.name == "centre" or (field.name == "beta1" and not SCORES[family.gate.score].affine):
-            # Locations (Euclidean, Laplace) or directions of a non-affine score start at the
-            # cluster means; 0 can be a singular point of such a score.
-            neutral_gate[field.name] = cluster_mean
-        elif field.name == "covariance":
-            residual = x[None, :, :] - cluster_mean[:, None, :]
-            covariance = jnp.einsum("kn,kni,knj->kij", omega.T, residual, residual) / cluster_mass[:, None, None]
-            neutral_gate["covariance"] = covariance + 1e-3 * jnp.eye(family.dim, dtype=dtype)
-        else:
-            neutral_gate[field.name] = jnp.zeros(family.field_shape(field), dtype)
-    neutral_expert = {
-        field.name: (jnp.ones if field.constraint == "positive" else jnp.zeros)(family.field_shape(field), dtype)
-        for field in family.expert.fields
-    }
-    if "nu" in neutral_expert:
-        # Weighted, so that zero-weight padding leaves the start unchanged.
-        y_mean = jnp.sum(weights * y) / total
-        neutral_expert["nu"] = neutral_expert["nu"] * jnp.sum(weights * (y - y_mean) ** 2) / total
-    start = MoEParams(neutral_gate, neutral_expert)
-    config = EMConfig(gate_steps=gate_steps, expert_steps=expert_steps)
-    expert = expert_mstep(family, config, start, x, y, omega, total)
-    log_gate = jnp.zeros((n, k), dtype)
-    # Fit the gate densely: a top-K gate at the all-zero start ties every expert, and ties would
-    # leave the same K experts selected everywhere.
-    dense = replace(family, gate=replace(family.gate, top_k=None))
-    gate, _ = gate_mstep(dense, config, start, log_gate, x, omega, total)
-    return canonicalize(family, MoEParams(gate, expert))

@@ -19,6 +19,13 @@ replicate) and scores come back to the host:
   into the fit program it would be recompiled for every bucket, which costs more than the one
   extra dispatch per chunk.
 
+Both are ``jax.jit`` of module-level functions (:func:`fit_cells`, :func:`score_cells`) whose static
+argument is a frozen dataclass (:class:`FitSpec`, :class:`ScoreSpec`) holding every choice besides
+the arrays, so ``jax.jit``'s own cache serves a repeated cell, a resumed or repeated sweep in the
+same process, and a test. The fit program carries the fit's XLA options
+(:mod:`moe_theory.fit.compiling`). Compile time is read from JAX's monitoring events: each call
+that compiled adds a program entry (trace and XLA seconds) to the session's ``meta.json``.
+
 **Buckets.** XLA compiles one program per array shape, so a sample of size n is padded to the
 bucket size N(n) = the smallest ⌈g^i⌉ ≥ n (g = ``sweep.bucket_growth``; g = 2 gives powers of two)
 with a boolean mask that leaves the padding out of the fit (:func:`moe_theory.models.log_likelihood`).
@@ -67,7 +74,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,10 +85,11 @@ import pandas as pd
 from jax import monitoring
 
 from . import storage
-from .config import GRID_AXES, FitGroup, StudyConfig
-from .fit import EMConfig, fit_batch
-from .fit.compiling import program_options
-from .init import near_truth_init, random_init
+from .config import GRID_AXES, FitGroup, MetricsConfig, StudyConfig
+from .fit import EM_DEFAULTS, EMConfig, FitResult, fit_batch
+from .fit.compiling import jit_variant, program_options
+from .fit.starts import random_init
+from .init import NearTruthNoise, near_truth_init
 from .losses import density_distances, exact_fitted_loss, over_fitted_loss, parameter_errors, voronoi_loss
 from .models import Family, gate_log_weights
 from .params import MoEParams
@@ -148,13 +156,16 @@ def sample_padded(
 
 
 # ----------------------------------------------------------------------------------------------
-# The two programs. Each builder returns (signature, function): the signature holds every static
-# choice the function closes over, so equal signatures mean interchangeable executables.
+# The two programs: module-level functions of a static spec (a frozen dataclass holding every choice
+# the program depends on besides its array arguments), compiled by ``jax.jit``, whose own cache
+# serves every later cell, and every later sweep of this process, with an equal spec and shapes.
 
 
-def _em_config(config: StudyConfig, group: FitGroup) -> EMConfig:
+def em_config(config: StudyConfig, group: FitGroup) -> EMConfig:
+    """The static EM settings of a fit group."""
     fit = config.fit
-    return EMConfig(
+    return replace(
+        EM_DEFAULTS,
         max_iter=fit.max_iter,
         gate_steps=group.gate_steps,
         expert_steps=fit.expert_steps,
@@ -165,115 +176,151 @@ def _em_config(config: StudyConfig, group: FitGroup) -> EMConfig:
     )
 
 
-def _fit_program(config: StudyConfig, group: FitGroup, size: int) -> tuple[tuple, Callable, dict | None]:
-    true_family, family, inputs = config.true_family, config.fitted_family(group), config.inputs
-    em_config, noise = _em_config(config, group), config.fit.near_truth
-    num_starts, init_id = group.n_init, group.init_id
+@dataclass(frozen=True)
+class FitSpec:
+    """Everything static in a fit program: the models, the inputs, the bucket size and the estimator."""
 
-    def program(root_key, replicates, n, tol, truth):
-        data_key = jax.random.fold_in(jax.random.fold_in(root_key, DATA_STREAM), n)
-        init_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(root_key, INIT_STREAM), init_id), n)
+    true_family: Family
+    family: Family
+    inputs: InputDistribution
+    size: int
+    method: str
+    init: str
+    num_starts: int
+    init_id: int
+    em_config: EMConfig
+    noise: NearTruthNoise
 
-        def prepare(replicate):
-            x, y, weights = sample_padded(jax.random.fold_in(data_key, replicate), true_family, truth, n, size, inputs)
-            start_keys = jax.random.split(jax.random.fold_in(init_key, replicate), num_starts)
-            if group.init == "near_truth":
-                starts = jax.vmap(lambda k: near_truth_init(k, family, true_family, truth, n, noise))(start_keys)
-            else:
-                starts = jax.vmap(lambda k: random_init(k, family, x, y, weights))(start_keys)
-            return x, y, weights, starts
-
-        x, y, weights, starts = jax.vmap(prepare)(replicates)
-        return fit_batch(family, starts, x, y, weights, tol, group.method, em_config, replicates.shape[0])
-
-    signature = ("fit", true_family, family, inputs, size, group.method, group.init, num_starts, init_id,
-                 em_config, noise, config.fit.dtype)
-    return signature, program, program_options(family, em_config, group.method)
+    @classmethod
+    def of(cls, config: StudyConfig, group: FitGroup, size: int) -> "FitSpec":
+        return cls(config.true_family, config.fitted_family(group), config.inputs, size, group.method, group.init,
+                   group.n_init, group.init_id, em_config(config, group), config.fit.near_truth)
 
 
-def _score_program(config: StudyConfig, group: FitGroup) -> tuple[tuple, Callable]:
-    family, fitted_family, metrics = config.true_family, config.fitted_family(group), config.metrics
-    exact = config.is_exact(group)
-    density = metrics.density
+def fit_cells(spec: FitSpec, root_key, replicates, n, tol, truth) -> FitResult:
+    """Sample → start → fit for a chunk of replicate ids at sample size n (padded to ``spec.size``)."""
+    data_key = jax.random.fold_in(jax.random.fold_in(root_key, DATA_STREAM), n)
+    init_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(root_key, INIT_STREAM), spec.init_id), n)
 
-    def program(fitted, truth, density_key):
-        scores: dict[str, jnp.ndarray] = {}
-        for loss, column, translation in metrics.loss_columns(exact):
-            if loss.name == "D1":
-                value = exact_fitted_loss(family, fitted, truth, translation=translation)
-            elif loss.name == "D2":
-                value = over_fitted_loss(family, fitted, truth, translation=translation)
-            else:
-                value = voronoi_loss(family, fitted, truth, exponents=loss.exponents, translation=translation)
-            scores[column] = value.loss
-        if metrics.parameter_errors:
-            # The exponents matter only for the "infimum" translation: D1's when k = k*, the
-            # over-fitted table otherwise (the translation is metrics.parameter_errors.translation).
-            errors = parameter_errors(
-                family, fitted, truth, exponents="first_order" if exact else None,
-                translation=metrics.parameter_translation,
-            )
-            for block, value in errors.max_error.items():
-                scores[f"err_{block}"] = value
-            scores["mass_err"], scores["mass"], scores["cell_size"] = errors.mass_error, errors.cell_mass, errors.cell_sizes
-            for block, value in errors.shared_error.items():
-                scores[f"err_{block}"] = value
-        if density is not None:
-            distances = density_distances(
-                density_key, family, fitted, truth, config.inputs, density.num_inputs, density.grid_size,
-                density.num_quadrature, fitted_family=fitted_family,
-            )
-            if "hellinger" in density.distances:
-                scores["hellinger"], scores["hellinger_se"] = distances.hellinger, distances.hellinger_se
-            if "tv" in density.distances:
-                scores["tv"], scores["tv_se"] = distances.total_variation, distances.total_variation_se
-        return scores
+    def prepare(replicate):
+        x, y, weights = sample_padded(
+            jax.random.fold_in(data_key, replicate), spec.true_family, truth, n, spec.size, spec.inputs
+        )
+        start_keys = jax.random.split(jax.random.fold_in(init_key, replicate), spec.num_starts)
+        if spec.init == "near_truth":
+            starts = jax.vmap(
+                lambda k: near_truth_init(k, spec.family, spec.true_family, truth, n, spec.noise)
+            )(start_keys)
+        else:
+            starts = jax.vmap(lambda k: random_init(k, spec.family, x, y, weights))(start_keys)
+        return x, y, weights, starts
 
-    signature = ("score", family, fitted_family, exact, metrics, config.inputs if density else None, config.fit.dtype)
-    return signature, program
+    x, y, weights, starts = jax.vmap(prepare)(replicates)
+    return fit_batch(spec.family, starts, x, y, weights, tol, spec.method, spec.em_config, replicates.shape[0])
 
 
-_EXECUTABLES: dict[tuple, Any] = {}
-"""Compiled programs of this process by (signature, argument shapes): a second sweep with the same
-static choices (a resumed or repeated run, a test) reuses them instead of compiling again."""
+def fit_cells_program(spec: FitSpec):
+    """The jitted :func:`fit_cells` for ``spec``, with the XLA options of its fit (:mod:`moe_theory.fit.compiling`)."""
+    fast_path = program_options(spec.family, spec.em_config, spec.method) is not None
+    return jit_variant(fit_cells, ("spec",), fast_path)
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """Everything static in a score program (its shapes do not depend on n)."""
+
+    family: Family
+    fitted_family: Family
+    exact: bool
+    metrics: MetricsConfig
+    inputs: InputDistribution | None  # only the density distances draw inputs
+
+    @classmethod
+    def of(cls, config: StudyConfig, group: FitGroup) -> "ScoreSpec":
+        metrics = config.metrics
+        return cls(config.true_family, config.fitted_family(group), config.is_exact(group), metrics,
+                   config.inputs if metrics.density is not None else None)
+
+
+def score_cells(spec: ScoreSpec, fitted, truth, density_key) -> dict[str, jnp.ndarray]:
+    """Voronoi losses, per-parameter errors and density distances of a chunk of fits."""
+    family, metrics, exact, density = spec.family, spec.metrics, spec.exact, spec.metrics.density
+    scores: dict[str, jnp.ndarray] = {}
+    for loss, column, translation in metrics.loss_columns(exact):
+        if loss.name == "D1":
+            value = exact_fitted_loss(family, fitted, truth, translation=translation)
+        elif loss.name == "D2":
+            value = over_fitted_loss(family, fitted, truth, translation=translation)
+        else:
+            value = voronoi_loss(family, fitted, truth, exponents=loss.exponents, translation=translation)
+        scores[column] = value.loss
+    if metrics.parameter_errors:
+        # The exponents matter only for the "infimum" translation: D1's when k = k*, the
+        # over-fitted table otherwise (the translation is metrics.parameter_errors.translation).
+        errors = parameter_errors(
+            family, fitted, truth, exponents="first_order" if exact else None,
+            translation=metrics.parameter_translation,
+        )
+        for block, value in errors.max_error.items():
+            scores[f"err_{block}"] = value
+        scores["mass_err"], scores["mass"], scores["cell_size"] = errors.mass_error, errors.cell_mass, errors.cell_sizes
+        for block, value in errors.shared_error.items():
+            scores[f"err_{block}"] = value
+    if density is not None:
+        distances = density_distances(
+            density_key, family, fitted, truth, spec.inputs, density.num_inputs, density.grid_size,
+            density.num_quadrature, fitted_family=spec.fitted_family,
+        )
+        if "hellinger" in density.distances:
+            scores["hellinger"], scores["hellinger_se"] = distances.hellinger, distances.hellinger_se
+        if "tv" in density.distances:
+            scores["tv"], scores["tv_se"] = distances.total_variation, distances.total_variation_se
+    return scores
+
+
+score_cells_program = jax.jit(score_cells, static_argnames=("spec",))
+"""The jitted :func:`score_cells` (XLA's defaults: it runs no fit)."""
+
+
+_TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 @dataclass
 class _CompileLog:
+    """Compilation seen through JAX's monitoring events: per program (the calls of :func:`_timed_call`
+    that compiled) and in total."""
+
     programs: list[dict] = field(default_factory=list)
     xla_compiles: int = 0
     xla_seconds: float = 0.0
+    trace_seconds: float = 0.0
     cache_hits: int = 0
 
     def on_duration(self, event: str, duration: float, **_: Any) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
+        if event == _COMPILE_EVENT:
             self.xla_compiles += 1
             self.xla_seconds += duration
+        elif event in _TRACE_EVENTS:
+            self.trace_seconds += duration
 
     def on_event(self, event: str, **_: Any) -> None:
         if event == "/jax/compilation_cache/cache_hits":
             self.cache_hits += 1
 
 
-def _executable(
-    signature: tuple, program: Callable, arguments: tuple, log: _CompileLog, description: dict, options: dict | None = None
-) -> Any:
-    """The compiled ``program`` for these argument shapes, compiling (and logging) it on first use
-    with the XLA compiler ``options`` (:mod:`moe_theory.fit.compiling`)."""
-    layout = jax.tree_util.tree_map(
-        lambda a: (jnp.shape(a), str(jnp.result_type(a)), getattr(a, "sharding", None)), arguments
-    )
-    key = (signature, str(jax.tree_util.tree_structure(arguments)), str(layout))
-    if key not in _EXECUTABLES:
-        start = time.perf_counter()
-        lowered = jax.jit(program, compiler_options=options).lower(*arguments)
-        traced = time.perf_counter()
-        _EXECUTABLES[key] = lowered.compile()
-        done = time.perf_counter()
-        log.programs.append(
-            {**description, "trace_seconds": round(traced - start, 3), "compile_seconds": round(done - traced, 3)}
-        )
-    return _EXECUTABLES[key]
+def _timed_call(log: _CompileLog, description: dict, program: Callable, *arguments):
+    """``program(*arguments)``, logging a program entry when the call compiled (a miss of
+    ``jax.jit``'s cache: tracing, lowering and an XLA compilation or a persistent-cache load)."""
+    compiles, compile_seconds, trace_seconds = log.xla_compiles, log.xla_seconds, log.trace_seconds
+    result = program(*arguments)
+    if log.xla_compiles > compiles:
+        log.programs.append({
+            **description,
+            "trace_seconds": round(log.trace_seconds - trace_seconds, 3),
+            "compile_seconds": round(log.xla_seconds - compile_seconds, 3),
+        })
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,18 +521,14 @@ def run_sweep(
             size = bucket_size(n, growth)
             if bar is not None:
                 bar.set_postfix_str(f"{group.label}, n={n} (bucket {size})")
-            fit_signature, fit_program, fit_options = _fit_program(config, group, size)
-            fit_arguments = (root_key, replicate_chunks[0], np.int64(n), tol, truth)
-            fit_executable = _executable(fit_signature, fit_program, fit_arguments, log,
-                                         {"program": "fit", "group": group.label, "bucket": size}, fit_options)
-            score_signature, score_program = _score_program(config, group)
+            fit_spec, score_spec = FitSpec.of(config, group, size), ScoreSpec.of(config, group)
+            fit_program = fit_cells_program(fit_spec)  # before timing: choosing the options may compile a probe
             frames = []
             for chunk in replicate_chunks:
-                fits = fit_executable(root_key, chunk, np.int64(n), tol, truth)
-                score_arguments = (fits.params, truth, density_key)
-                score_executable = _executable(score_signature, score_program, score_arguments, log,
-                                               {"program": "score", "group": group.label})
-                scores = score_executable(*score_arguments)
+                fits = _timed_call(log, {"program": "fit", "group": group.label, "bucket": size},
+                                   fit_program, fit_spec, root_key, chunk, np.int64(n), tol, truth)
+                scores = _timed_call(log, {"program": "score", "group": group.label},
+                                     score_cells_program, score_spec, fits.params, truth, density_key)
                 fits, scores = jax.device_get((fits, scores))
                 ids = np.asarray(chunk)
                 keep = ids < config.replicates
@@ -552,7 +595,7 @@ def run_study(
     then :meth:`StudyConfig.to_yaml`, as ``moe-theory run`` does). Cells already stored there are
     not recomputed. Returns the updated ``meta.json`` contents.
     """
-    from . import plotting, report
+    from . import plotting, report  # here, not at the top: matplotlib is slow to import and only a whole study draws
 
     run_dir = Path(run_dir)
     with storage.RunLock(run_dir) as lock:

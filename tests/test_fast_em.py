@@ -28,8 +28,9 @@ import pytest
 
 import moe_theory as mt
 from moe_theory.fit import EMConfig, fit_batch, fit_em, fit_em_trace
+from moe_theory.fit.api import fit_batch_program
 from moe_theory.fit.compiling import FAST_PATH_OPTIONS, accepted_options, program_options
-from moe_theory.fit.fast import MAX_DIM, ROUNDING_MARGIN, _FastState, _takes_full_step, fast_path_applies
+from moe_theory.fit.fast import MAX_DIM, ROUNDING_MARGIN, FastState, takes_full_step, fast_path_applies
 
 TOL = 1e-7
 CONFIG = EMConfig(max_iter=400, variance_floor=1e-3)
@@ -260,7 +261,13 @@ def test_compiler_options_change_only_rounding():
     # Traced into a plain jit, the same fit compiles with XLA's defaults (nested jits carry no options).
     default = jax.jit(fit_em, static_argnames=("family", "config"))(family, start, x, y, None, TOL, CONFIG)
     _assert_same_fit(tuned, default, rtol=1e-12)
-    assert tuple(sorted(FAST_PATH_OPTIONS.items())) in fit_em._jitted  # the top-level call's program
+    # A top-level call compiles through the jit variant with the options, one jit per variant.
+    assert fit_batch_program(family, CONFIG) is fit_batch_program(family, CONFIG)
+    assert fit_batch_program(family, CONFIG) is not fit_batch_program(family, GENERIC)
+    # Traced under the caller's jit, the fit uses the defaults variant (nested jits carry no options).
+    chosen = []
+    jax.jit(lambda v: chosen.append(fit_batch_program(family, CONFIG, "em", (v,))) or v)(0.0)
+    assert chosen == [fit_batch_program(family, GENERIC)]
 
 
 def test_float32_fit_past_convergence_stays_monotone_and_on_the_float64_fit():
@@ -288,7 +295,7 @@ def test_a_step_below_rounding_is_taken_untested_and_any_other_is_tested():
     ROUNDING_MARGIN·ε·1e4 ≈ 3.6e-11; the candidate's Σ w log Z rose by 1 while the gain is 0.5,
     so the test Q(u + δ) ≥ Q(u) fails."""
     def state(predicted, pending=True):
-        return _FastState(
+        return FastState(
             gate=jnp.zeros((1, 2)), direction=jnp.ones((1, 2)), gain=jnp.asarray(0.5), predicted=jnp.asarray(predicted),
             log_normaliser=jnp.asarray(1e4), pending=jnp.asarray(pending), expert=(), log_likelihood=jnp.asarray(0.0),
             previous=jnp.asarray(0.0), iteration=jnp.asarray(1), finite=jnp.asarray(True),
@@ -296,9 +303,9 @@ def test_a_step_below_rounding_is_taken_untested_and_any_other_is_tested():
 
     threshold = ROUNDING_MARGIN * np.finfo(np.float64).eps * 1e4
     failing = jnp.asarray(1e4 + 1.0)
-    assert bool(_takes_full_step(state(0.5 * threshold), failing))  # untestable: taken
-    assert not bool(_takes_full_step(state(2.0 * threshold), failing))  # testable: fails the test
-    assert bool(_takes_full_step(state(2.0 * threshold), jnp.asarray(1e4 + 0.25)))  # passes the test
-    assert not bool(_takes_full_step(state(0.5 * threshold), jnp.asarray(np.nan)))  # never a NaN step
-    assert not bool(_takes_full_step(state(np.nan), failing))  # a NaN prediction is not "small"
-    assert bool(_takes_full_step(state(2.0 * threshold, pending=False), failing))  # no pending step
+    assert bool(takes_full_step(state(0.5 * threshold), failing))  # untestable: taken
+    assert not bool(takes_full_step(state(2.0 * threshold), failing))  # testable: fails the test
+    assert bool(takes_full_step(state(2.0 * threshold), jnp.asarray(1e4 + 0.25)))  # passes the test
+    assert not bool(takes_full_step(state(0.5 * threshold), jnp.asarray(np.nan)))  # never a NaN step
+    assert not bool(takes_full_step(state(np.nan), failing))  # a NaN prediction is not "small"
+    assert bool(takes_full_step(state(2.0 * threshold, pending=False), failing))  # no pending step

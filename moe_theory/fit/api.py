@@ -1,14 +1,21 @@
-"""Public fitting entry points: one dataset with several random starts, or many datasets at once.
+"""Public fitting entry points: one dataset from one start, one dataset with several random starts,
+or many datasets at once (``docs/estimators.md``).
 
+* :func:`fit_em` and :func:`fit_em_trace` run EM from one start, with the solver that
+  :func:`em_solver` picks: the fast path of :mod:`moe_theory.fit.fast` where it applies, else the
+  generic iteration of :mod:`moe_theory.fit.em`, under the drivers of :mod:`moe_theory.fit.solver`.
 * :func:`fit` fits one dataset (x, y, optional weights) from ``n_init`` starts and keeps the start
   with the highest final log-likelihood among the finite fits, with the meaning of scikit-learn's
   ``n_init``. Starts are random (k-means++ responsibilities then one M-step; see
-  :mod:`moe_theory.init`) or given.
+  :mod:`moe_theory.fit.starts`) or given.
 * :func:`fit_batch` fits R datasets × S starts in one compiled program: ``vmap`` over starts inside
   ``lax.map`` over replicates in chunks of ``batch_size``, which bounds memory and keeps the working
   set in cache on a CPU (large chunks suit a GPU; see :func:`default_batch_size`).
 
-Method ``"em"`` is :func:`moe_theory.fit.em.fit_em`, ``"mle"`` is :func:`moe_theory.fit.mle.fit_mle`.
+Method ``"em"`` is :func:`fit_em`, ``"mle"`` is :func:`moe_theory.fit.mle.fit_mle`. Every entry point
+is a plain function that calls a ``jax.jit`` of a module-level function, compiled with the XLA
+options of :mod:`moe_theory.fit.compiling` (:func:`~moe_theory.fit.compiling.choose_program`).
+Defaults come from :mod:`moe_theory.fit.settings`.
 """
 
 from __future__ import annotations
@@ -18,14 +25,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ..init import random_init
 from ..models import Family
 from ..params import MoEParams
-from .compiling import jit_fit
-from .em import EMConfig, FitResult, fit_em
+from .compiling import choose_program
+from .em import GenericEM
+from .fast import FastEM, fast_path_applies
 from .mle import fit_mle
-
-METHODS = ("em", "mle")
+from .settings import EM_DEFAULTS, FIT_DEFAULTS, METHODS, EMConfig
+from .solver import FitResult, Solver, run_solver, trace_solver
+from .starts import random_init
 
 CPU_BATCH_SIZE = 16
 """Replicates per chunk on a CPU: one vmap over 64 datasets falls out of cache and is slower than
@@ -37,6 +45,68 @@ def default_batch_size(num_replicates: int, backend: str | None = None) -> int:
     replicate at once on an accelerator (which needs large batches to fill its cores)."""
     backend = backend or jax.default_backend()
     return min(CPU_BATCH_SIZE if backend == "cpu" else num_replicates, num_replicates)
+
+
+def em_solver(family: Family, config: EMConfig) -> Solver:
+    """EM's solver for ``family`` under ``config``: :class:`~moe_theory.fit.fast.FastEM` where the
+    fast path applies (:func:`~moe_theory.fit.fast.fast_path_applies`), else
+    :class:`~moe_theory.fit.em.GenericEM`."""
+    return FastEM(family, config) if fast_path_applies(family, config) else GenericEM(family, config)
+
+
+def _em_program(driver, family: Family, params0: MoEParams, x, y, weights, tol, config: EMConfig):
+    return driver(em_solver(family, config), params0, x, y, weights, tol)
+
+
+def _run_em(driver, family: Family, params0: MoEParams, x, y, weights, tol, config: EMConfig):
+    """``driver`` (:func:`~moe_theory.fit.solver.run_solver` or ``trace_solver``) on EM's solver, compiled."""
+    static = ("driver", "family", "config")
+    program = choose_program(_em_program, static, family, config, "em", (params0, x, y, weights, tol))
+    return program(driver, family, params0, x, y, weights, tol, config)
+
+
+def fit_em(
+    family: Family,
+    params0: MoEParams,
+    x: jnp.ndarray,
+    y: jnp.ndarray,
+    weights: jnp.ndarray | None = None,
+    tol: float | jnp.ndarray = FIT_DEFAULTS.tol,
+    config: EMConfig = EM_DEFAULTS,
+) -> FitResult:
+    """Fit one dataset by EM from ``params0``.
+
+    Args:
+        family: model family (static).
+        params0: starting parameters (put in canonical form first).
+        x: (n, d) inputs; y: (n,) responses; weights: optional (n,) sample weights ≥ 0, or a
+            boolean mask of the rows to fit (False marks padding), which the fast path sums as
+            cheaply as unit weights.
+        tol: relative log-likelihood change at which to stop (traced).
+        config: static :class:`~moe_theory.fit.settings.EMConfig`.
+
+    Returns:
+        :class:`~moe_theory.fit.solver.FitResult`. Batch with ``jax.vmap`` or :func:`fit_batch`.
+    """
+    return _run_em(run_solver, family, params0, x, y, weights, tol, config)
+
+
+def fit_em_trace(
+    family: Family,
+    params0: MoEParams,
+    x: jnp.ndarray,
+    y: jnp.ndarray,
+    weights: jnp.ndarray | None = None,
+    tol: float | jnp.ndarray = FIT_DEFAULTS.tol,
+    config: EMConfig = EM_DEFAULTS,
+) -> tuple[FitResult, jnp.ndarray]:
+    """Like :func:`fit_em`, but also return the log-likelihood path.
+
+    Runs ``config.max_iter`` scan steps and freezes the state once the stopping rule holds, so the
+    result equals :func:`fit_em`'s. The trace holds ℓ(θ_t) for t = 0 .. max_iter − 1, with NaN
+    after the fit stopped.
+    """
+    return _run_em(trace_solver, family, params0, x, y, weights, tol, config)
 
 
 def _fit_one(family: Family, method: str, config: EMConfig, params0, x, y, weights, tol) -> FitResult:
@@ -92,16 +162,39 @@ def select_best(results: FitResult) -> FitResult:
     return jax.tree_util.tree_map(lambda leaf: leaf[best], results)
 
 
-@jit_fit(("family", "method", "config", "batch_size"))
+def _fit_batch(
+    family: Family, params0: MoEParams, x, y, weights, tol, method: str, config: EMConfig, batch_size: int | None
+) -> FitResult:
+    batch_size = default_batch_size(x.shape[0]) if batch_size is None else min(batch_size, x.shape[0])
+
+    def one_replicate(data):
+        starts, x_r, y_r, w_r = data  # w_r stays None for unit weights (an empty pytree under map)
+        results = jax.vmap(lambda p: _fit_one(family, method, config, p, x_r, y_r, w_r, tol))(starts)
+        return select_best(results)
+
+    return _chunked_map(one_replicate, (params0, x, y, weights), batch_size)
+
+
+_BATCH_STATIC = ("family", "method", "config", "batch_size")
+
+
+def fit_batch_program(family: Family, config: EMConfig = EM_DEFAULTS, method: str = FIT_DEFAULTS.method, arguments=()):
+    """The ``jax.jit`` that :func:`fit_batch` calls for these settings (compiled with the XLA options
+    of :mod:`moe_theory.fit.compiling`), with ``fit_batch``'s arguments, for ahead-of-time
+    compilation: ``fit_batch_program(family, config).lower(family, params0, x, y, ...).compile()``.
+    ``arguments`` are the array arguments, only to tell whether they are traced."""
+    return choose_program(_fit_batch, _BATCH_STATIC, family, config, method, arguments)
+
+
 def fit_batch(
     family: Family,
     params0: MoEParams,
     x: jnp.ndarray,
     y: jnp.ndarray,
     weights: jnp.ndarray | None = None,
-    tol: float | jnp.ndarray = 1e-6,
-    method: str = "em",
-    config: EMConfig = EMConfig(),
+    tol: float | jnp.ndarray = FIT_DEFAULTS.tol,
+    method: str = FIT_DEFAULTS.method,
+    config: EMConfig = EM_DEFAULTS,
     batch_size: int | None = None,
 ) -> FitResult:
     """Fit R datasets, each from S starts, keeping each dataset's best start.
@@ -114,21 +207,15 @@ def fit_batch(
             mask: EM's fast path then sums logarithms as logs of products instead of one per sample.
         tol: relative log-likelihood tolerance (traced).
         method: ``"em"`` or ``"mle"`` (static).
-        config: :class:`EMConfig` (static); ``max_iter`` also bounds L-BFGS.
+        config: :class:`~moe_theory.fit.settings.EMConfig` (static); ``max_iter`` also bounds L-BFGS.
         batch_size: replicates fitted together per chunk (static); None picks
             :func:`default_batch_size` for the default backend.
 
     Returns:
-        :class:`FitResult` with a leading axis R.
+        :class:`~moe_theory.fit.solver.FitResult` with a leading axis R.
     """
-    batch_size = default_batch_size(x.shape[0]) if batch_size is None else min(batch_size, x.shape[0])
-
-    def one_replicate(data):
-        starts, x_r, y_r, w_r = data  # w_r stays None for unit weights (an empty pytree under map)
-        results = jax.vmap(lambda p: _fit_one(family, method, config, p, x_r, y_r, w_r, tol))(starts)
-        return select_best(results)
-
-    return _chunked_map(one_replicate, (params0, x, y, weights), batch_size)
+    program = fit_batch_program(family, config, method, (params0, x, y, weights, tol))
+    return program(family, params0, x, y, weights, tol, method, config, batch_size)
 
 
 def fit(
@@ -139,10 +226,10 @@ def fit(
     *,
     key: jax.Array | None = None,
     init: MoEParams | str = "random",
-    n_init: int = 1,
-    method: str = "em",
-    tol: float = 1e-6,
-    config: EMConfig = EMConfig(),
+    n_init: int = FIT_DEFAULTS.n_init,
+    method: str = FIT_DEFAULTS.method,
+    tol: float = FIT_DEFAULTS.tol,
+    config: EMConfig = EM_DEFAULTS,
     dtype: Any = None,
 ) -> FitResult:
     """Fit a mixture of experts to one dataset.
@@ -152,18 +239,18 @@ def fit(
         x: (n, d) inputs (a (n,) vector is read as d = 1); y: (n,) responses.
         weights: optional (n,) sample weights ≥ 0, or a boolean mask (False = leave the row out).
         key: PRNG key for random starts (required when ``init="random"``).
-        init: ``"random"`` (k-means++ start, see :func:`moe_theory.init.random_init`) or
+        init: ``"random"`` (k-means++ start, see :func:`moe_theory.fit.starts.random_init`) or
             starting parameters; given parameters with a leading axis are several starts.
         n_init: number of random starts; the best final log-likelihood is kept.
         method: ``"em"`` (default) or ``"mle"`` (L-BFGS on the log-likelihood).
         tol: relative log-likelihood change at which to stop.
-        config: :class:`EMConfig` with ``max_iter``, ``gate_steps`` and the other static settings.
+        config: :class:`~moe_theory.fit.settings.EMConfig` with ``max_iter``, ``gate_steps`` and the other static settings.
         dtype: floating dtype of the fit, e.g. ``"float32"``; None uses JAX's default float
             (float64 once ``jax_enable_x64`` is on, as ``import moe_theory`` sets it). Data and
             given starts are cast to it.
 
     Returns:
-        :class:`FitResult` of the best start: ``params``, ``log_likelihood``, ``n_iter``,
+        :class:`~moe_theory.fit.solver.FitResult` of the best start: ``params``, ``log_likelihood``, ``n_iter``,
         ``converged``, ``finite``.
     """
     if method not in METHODS:

@@ -1,9 +1,11 @@
 """XLA compiler options for the fitting programs, chosen per program.
 
-The fitting entry points (:func:`~moe_theory.fit.em.fit_em`, :func:`~moe_theory.fit.em.fit_em_trace`,
-:func:`~moe_theory.fit.api.fit_batch`, and the fit programs of :mod:`moe_theory.sweep`) are compiled
-once per static setting. A program that runs EM's fast path (:mod:`moe_theory.fit.fast`) is
-compiled with :data:`FAST_PATH_OPTIONS`; every other program gets XLA's defaults.
+The fitting entry points (:func:`~moe_theory.fit.api.fit_em`, :func:`~moe_theory.fit.api.fit_em_trace`,
+:func:`~moe_theory.fit.api.fit_batch`, and the fit programs of :mod:`moe_theory.sweep`) are plain
+``jax.jit`` of module-level functions, compiled once per static setting and served from JAX's own
+caches. Each has two jitted variants (:func:`jit_variant`): one with XLA's defaults and one with
+:data:`FAST_PATH_OPTIONS`; :func:`choose_program` picks the second for a program that runs EM's
+fast path (:mod:`moe_theory.fit.fast`) and the first for every other program.
 
 **Why.** On a CPU, a fast-path iteration is a few element-wise passes over the samples, which
 compute the 2k exponentials, and one variadic reduction of the ~35 moment sums (k = 3, d = 1). XLA's
@@ -17,8 +19,9 @@ one iteration took 0.100 ms per replicate against 0.140 ms with the defaults. Th
 same options and the joint-likelihood EM of the Gaussian gate 16–20 % slower; hence the choice per
 path.
 
-**Scope.** Options belong to the outermost compiled program. A fit called under the caller's own
-``jax.jit`` or ``jax.vmap`` is compiled as part of the caller's program, with its options; pass
+**Scope.** Options belong to the outermost compiled program (JAX rejects them on a nested jit). A
+fit called under the caller's own ``jax.jit`` or ``jax.vmap`` is traced, through the defaults
+variant, into the caller's program and compiled with the caller's options; pass
 ``compiler_options=program_options(...)`` to that jit for the same speed, as :mod:`moe_theory.sweep`
 does. They are options of one program, never process-wide ``XLA_FLAGS``, so nothing else the caller
 compiles changes. An option that the installed XLA does not know is dropped after one trial
@@ -32,10 +35,13 @@ program on the same device still gives bit-identical results.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable
 
 import jax
+
+from ..models import Family
+from .fast import fast_path_applies
+from .settings import EMConfig
 
 FAST_PATH_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False, "xla_cpu_prefer_vector_width": 512}
 """XLA compiler options of programs that run EM's fast path (see the module docstring)."""
@@ -56,53 +62,33 @@ def accepted_options(options: dict[str, Any]) -> dict[str, Any] | None:
     return {name: value for name, value in options.items() if _accepted(name, value)} or None
 
 
-def program_options(family, config, method: str = "em") -> dict[str, Any] | None:
+def program_options(family: Family, config: EMConfig, method: str = "em") -> dict[str, Any] | None:
     """Compiler options for a program that fits ``family`` by ``method`` under the EM ``config``:
     the :data:`FAST_PATH_OPTIONS` that this jaxlib accepts where EM's fast path runs, else None."""
-    from .fast import fast_path_applies  # fast.py builds on em.py, which uses this module
-
     if method != "em" or not fast_path_applies(family, config):
         return None
     return accepted_options(FAST_PATH_OPTIONS)
 
 
-class _FitProgram:
-    """A fitting entry point compiled per call with :func:`program_options` of its arguments."""
-
-    def __init__(self, function: Callable, static_argnames: tuple[str, ...]):
-        functools.update_wrapper(self, function)
-        self._function, self._static_argnames = function, static_argnames
-        self._signature = inspect.signature(function)
-        self._jitted: dict[tuple, Callable] = {}
-
-    def _program(self, args: tuple, kwargs: dict) -> Callable:
-        bound = self._signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        arguments = bound.arguments
-        # Under a transformation (jit, vmap, ...) the fit is traced into the caller's program,
-        # which alone may carry compiler options: JAX rejects them on a nested jit.
-        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((args, kwargs)))
-        family, config, method = arguments["family"], arguments["config"], arguments.get("method", "em")
-        options = None if traced else program_options(family, config, method)
-        key = tuple(sorted((options or {}).items()))
-        if key not in self._jitted:
-            self._jitted[key] = jax.jit(self._function, static_argnames=self._static_argnames, compiler_options=options)
-        return self._jitted[key]
-
-    def __call__(self, *args, **kwargs):
-        return self._program(args, kwargs)(*args, **kwargs)
-
-    def lower(self, *args, **kwargs):
-        """``jax.jit(...).lower`` of the program this call compiles (for ahead-of-time compilation)."""
-        return self._program(args, kwargs).lower(*args, **kwargs)
+@functools.cache
+def jit_variant(function: Callable, static_argnames: tuple[str, ...], fast_path: bool) -> Callable:
+    """``jax.jit`` of a module-level ``function``: with XLA's defaults, or (``fast_path``) with the
+    :data:`FAST_PATH_OPTIONS` this jaxlib accepts. Cached, so each function has at most these two
+    jitted variants, whose own caches hold the compiled programs."""
+    options = accepted_options(FAST_PATH_OPTIONS) if fast_path else None
+    return jax.jit(function, static_argnames=static_argnames, compiler_options=options)
 
 
-def jit_fit(static_argnames: tuple[str, ...]) -> Callable[[Callable], _FitProgram]:
-    """``jax.jit`` for a fitting entry point with arguments ``family``, ``config`` and optionally
-    ``method``: each call compiles with :func:`program_options` of its arguments.
+def is_traced(arguments) -> bool:
+    """Whether any leaf of ``arguments`` is a tracer of an enclosing transformation (jit, vmap, …)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(arguments))
 
-    The decorated function keeps ``jax.jit``'s behaviour: one compilation per static arguments and
-    shapes, and ``.lower(...)`` for ahead-of-time compilation. Called under a transformation (the
-    caller's jit, vmap, ...) it compiles without options of its own, as part of the caller's program.
-    """
-    return lambda function: _FitProgram(function, static_argnames)
+
+def choose_program(
+    function: Callable, static_argnames: tuple[str, ...], family: Family, config: EMConfig, method: str, arguments
+) -> Callable:
+    """The jitted variant of ``function`` to call for a fit of ``family`` by ``method`` under ``config``:
+    with :func:`program_options` at the top level; under a transformation of the caller (any of the
+    array ``arguments`` traced) the defaults variant, which is traced into the caller's program."""
+    fast_path = not is_traced(arguments) and program_options(family, config, method) is not None
+    return jit_variant(function, static_argnames, fast_path)

@@ -1,4 +1,5 @@
-"""Expectation–maximisation for gated mixtures of experts, as one compiled loop (THEORY.md §3).
+"""Expectation–maximisation for gated mixtures of experts, as a solver of :mod:`moe_theory.fit.solver`
+(``docs/estimators.md``).
 
 For data (x_j, y_j) with sample weights w_j ≥ 0 (0 marks padding), one EM iteration from θ_t is
 
@@ -18,14 +19,13 @@ For data (x_j, y_j) with sample weights w_j ≥ 0 (0 marks padding), one EM iter
 
 Both M-steps never decrease their objectives, so ℓ(θ_t) never decreases.
 
-**Stopping rule** [1]: stop when |ℓ(θ_t) − ℓ(θ_{t−1})| ≤ tol·|ℓ(θ_{t−1})| (``converged``) or after
-``max_iter`` iterations. A NaN or infinite log-likelihood or parameter also stops the loop, and the
-fit then reports ``finite = False`` and ``converged = False``: since ``NaN ≤ tol`` is False, a NaN
-can never be mistaken for convergence. A final E-step makes the reported log-likelihood that of the
-returned parameters, as scikit-learn does.
+**Stopping rule** [1]: the one of :mod:`moe_theory.fit.solver`, applied by its drivers. A NaN or
+infinite log-likelihood or parameter also stops the loop, and the fit then reports
+``finite = False`` and ``converged = False``. A final E-step makes the reported log-likelihood that
+of the returned parameters, as scikit-learn does.
 
 Everything is pure and jit/vmap-clean: ``tol`` is traced (changing it does not recompile), the
-family and the iteration bounds are static.
+family and the iteration bounds are static (:class:`~moe_theory.fit.settings.EMConfig`).
 
 **Joint likelihood of the Gaussian gate** [8]. With the Gaussian gate π_i(x) ∝ w_i N(x | c_i, Γ_i)
 and Σ_i w_i = 1, the pair (x, y) has the joint density p(x, y) = Σ_i w_i N(x | c_i, Γ_i) f(y | x; η_i)
@@ -37,10 +37,10 @@ closed form of a Gaussian mixture: w_i = Σ_j ω_{ji} / Σ_j w_j, c_i the ω-wei
 Γ_i the ω-weighted covariance about c_i. The reported log-likelihood is then the joint one.
 
 **Fast path.** For the plain softmax gate with Gaussian-linear experts (small k and d, one gate
-step per iteration) :func:`fit_em` and :func:`fit_em_trace` run :mod:`moe_theory.fit.fast`, which
-computes the same iteration in one fused pass over the data per iteration; both paths share the
-loop drivers below, hence the stopping rule. ``EMConfig(fast_path=False)`` forces this module's
-generic iteration.
+step per iteration) :func:`moe_theory.fit.api.em_solver` picks the solver of
+:mod:`moe_theory.fit.fast`, which computes the same iteration in one fused pass over the data per
+iteration; both solvers run under the same drivers, hence the same stopping rule.
+``EMConfig(fast_path=False)`` forces this module's :class:`GenericEM`.
 
 [1] Nguyen, Nguyen, Ho, "Demystifying Softmax Gating Function in Gaussian Mixture of Experts",
 NeurIPS 2023, arXiv 2305.03288.
@@ -63,85 +63,10 @@ from jax.flatten_util import ravel_pytree
 from .. import linalg
 from ..gates import NORMALISERS, gate_scores, log_gate_weights, normalise, selection_mask
 from ..models import Family, canonicalize, weighted_sum
-from ..params import MoEParams
-from .compiling import jit_fit
+from ..params import MoEParams, field_with_role, fields_with_role
 from .newton import constrain, gate_free_mask, newton_ascent, unconstrain
-
-
-LIKELIHOODS = ("conditional", "joint")
-
-
-@dataclass(frozen=True)
-class EMConfig:
-    """Static EM settings (changing one recompiles).
-
-    Attributes:
-        max_iter: at most this many EM iterations (the authors use 2000 [1]).
-        gate_steps: damped Newton steps on the gate per iteration (1: generalised EM; the authors
-            iterate to convergence, up to 300).
-        expert_steps: Newton steps for experts without a closed-form M-step.
-        inner_tol: the gate's (and such experts') Newton loop stops early once a step gains at most
-            ``inner_tol``·|Q| (:func:`moe_theory.fit.newton.newton_ascent`), so ``gate_steps=300``
-            costs only the steps that still move.
-        max_halvings: step halvings tried per Newton step.
-        variance_floor: lower bound on fitted Gaussian variances; 0 returns the exact MLE, under
-            which an over-fitted expert may collapse onto one point (reported as ``finite=False``).
-        likelihood: ``"conditional"`` (log p(y | x), the default) or ``"joint"`` (log p(x, y) under
-            the Gaussian gate's input mixture [8]; plain Gaussian gate only, see the module docstring).
-        fast_path: use :mod:`moe_theory.fit.fast` where it applies (softmax gate without
-            activation, temperature or top-K, Gaussian-linear experts, 2 ≤ k ≤ 6, d ≤ 4,
-            ``gate_steps == 1``). It computes the same iteration; False forces the generic path.
-    """
-
-    max_iter: int = 2000
-    gate_steps: int = 1
-    expert_steps: int = 1
-    inner_tol: float = 1e-12
-    max_halvings: int = 20
-    variance_floor: float = 0.0
-    likelihood: str = "conditional"
-    fast_path: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("max_iter", "gate_steps", "expert_steps", "max_halvings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (1 if name == "max_iter" else 0):
-                raise ValueError(f"{name}: expected a non-negative integer (max_iter ≥ 1), got {value!r}")
-        if not self.inner_tol >= 0:
-            raise ValueError(f"inner_tol: expected ≥ 0, got {self.inner_tol!r}")
-        if not self.variance_floor >= 0:
-            raise ValueError(f"variance_floor: expected ≥ 0, got {self.variance_floor!r}")
-        if self.likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood: expected one of {LIKELIHOODS}, got {self.likelihood!r}")
-        if not isinstance(self.fast_path, bool):
-            raise ValueError(f"fast_path: expected True or False, got {self.fast_path!r}")
-
-
-class FitResult(NamedTuple):
-    """Outcome of one fit (fields gain leading batch axes under ``vmap``).
-
-    Attributes:
-        params: fitted parameters, in canonical form.
-        log_likelihood: average log-likelihood Σ w_j ℓ_j / Σ w_j at ``params``.
-        n_iter: number of EM iterations performed.
-        converged: the relative-change rule was met before ``max_iter``, with finite values.
-        finite: every parameter and the log-likelihood are finite.
-    """
-
-    params: MoEParams
-    log_likelihood: jnp.ndarray
-    n_iter: jnp.ndarray
-    converged: jnp.ndarray
-    finite: jnp.ndarray
-
-
-class _State(NamedTuple):
-    params: MoEParams
-    log_gate: jnp.ndarray  # log π(x) at params.gate, reused by the next E-step
-    log_likelihood: jnp.ndarray  # ℓ at params (computed by the E-step of the next iteration)
-    previous: jnp.ndarray
-    iteration: jnp.ndarray
-    finite: jnp.ndarray
+from .settings import EMConfig
+from .solver import FitResult, all_finite
 
 
 def expert_mstep(family: Family, config: EMConfig, params: MoEParams, x, y, omega, total):
@@ -167,8 +92,8 @@ def expert_mstep(family: Family, config: EMConfig, params: MoEParams, x, y, omeg
             objective, start, free, config.expert_steps, config.max_halvings, tolerance=config.inner_tol
         )
         new = constrain(fields, updated)
-        if "nu" in new:
-            new["nu"] = jnp.maximum(new["nu"], config.variance_floor)
+        for variance in fields_with_role(fields, "variance"):
+            new[variance.name] = jnp.maximum(new[variance.name], config.variance_floor)
     per_expert_finite = jnp.stack(
         [jnp.all(jnp.isfinite(value.reshape(value.shape[0], -1)), axis=1) for value in new.values()]
     ).all(axis=0)
@@ -179,7 +104,7 @@ def expert_mstep(family: Family, config: EMConfig, params: MoEParams, x, y, omeg
     }
 
 
-def _gate_derivatives(family: Family, x, omega, total):
+def gate_derivatives(family: Family, x, omega, total):
     """Q, log π, ∇Q and ∇²Q of the gate objective Q(u) = Σ_j Σ_i ω_{ji} log π_i(x_j; u) / Σ_j w_j.
 
     Q depends on u only through the scores s_j = s(x_j; u) ∈ R^k, so by the chain rule, with the
@@ -268,15 +193,23 @@ def gaussian_gate_mstep(family: Family, config: EMConfig, params: MoEParams, x, 
     covariance = jnp.einsum("nk,nkd,nke->kde", omega, residual, residual) / mass[:, None, None]
     covariance = covariance + config.variance_floor * jnp.eye(x.shape[1], dtype=x.dtype)
     valid = (mass > 0) & jnp.all(jnp.isfinite(linalg.cholesky(covariance)), axis=(1, 2))
+    fields = family.gate.fields
+    weight_name, centre_name, covariance_name = (
+        field_with_role(fields, role).name for role in ("weight", "location", "covariance")
+    )
     gate = {
-        "weight": mass / total,
-        "centre": jnp.where(valid[:, None], centre, params.gate["centre"]),
-        "covariance": jnp.where(valid[:, None, None], covariance, params.gate["covariance"]),
+        **params.gate,
+        weight_name: mass / total,
+        centre_name: jnp.where(valid[:, None], centre, params.gate[centre_name]),
+        covariance_name: jnp.where(valid[:, None, None], covariance, params.gate[covariance_name]),
     }
     return gate, joint_log_gate(family, gate, x)
 
 
 def gate_mstep(family: Family, config: EMConfig, params: MoEParams, log_gate, x, omega, total):
+    """Maximise Σ_j Σ_i ω_ji log π_i(x_j) over the gate: the closed form of the joint likelihood, else
+    ``config.gate_steps`` damped Newton steps (see the module docstring). Returns the new gate
+    parameters and log π (or the joint log-scores) at them, for the next E-step."""
     if config.likelihood == "joint":
         return gaussian_gate_mstep(family, config, params, x, omega, total)
     fields = family.gate.fields
@@ -294,13 +227,14 @@ def gate_mstep(family: Family, config: EMConfig, params: MoEParams, log_gate, x,
         gate_free_mask(family, start),
         config.gate_steps,
         config.max_halvings,
-        derivatives=_gate_derivatives(family, x, omega, total),
+        derivatives=gate_derivatives(family, x, omega, total),
         tolerance=config.inner_tol,
     )
     return constrain(fields, updated), log_pi
 
 
-def _e_step(family: Family, params: MoEParams, log_gate, x, y, weights, total):
+def e_step(family: Family, params: MoEParams, log_gate, x, y, weights, total):
+    """ℓ(θ) = Σ_j w_j ℓ_j / Σ_j w_j and ω_ji = w_j r_ji, from the gate's log-weights ``log_gate`` at θ."""
     joint = log_gate + family.expert.log_prob(params.expert, x, y)
     per_sample = jax.nn.logsumexp(joint, axis=-1)
     log_likelihood = weighted_sum(per_sample, weights) / total
@@ -308,42 +242,35 @@ def _e_step(family: Family, params: MoEParams, log_gate, x, y, weights, total):
     return log_likelihood, omega
 
 
-def _all_finite(tree) -> jnp.ndarray:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
+class EMData(NamedTuple):
+    """The data of one EM fit, prepared by :func:`prepare`: padding rows zeroed, weights explicit."""
+
+    x: jnp.ndarray
+    y: jnp.ndarray
+    weights: jnp.ndarray
+    total: jnp.ndarray  # Σ_j w_j
 
 
-def _em_iteration(family: Family, config: EMConfig, x, y, weights, total, state: _State) -> _State:
-    log_likelihood, omega = _e_step(family, state.params, state.log_gate, x, y, weights, total)
-    expert = expert_mstep(family, config, state.params, x, y, omega, total)
-    gate, log_gate = gate_mstep(family, config, state.params, state.log_gate, x, omega, total)
-    params = MoEParams(gate, expert)
-    return _State(
-        params=params,
-        log_gate=log_gate,
-        log_likelihood=log_likelihood,
-        previous=state.log_likelihood,
-        iteration=state.iteration + 1,
-        finite=jnp.isfinite(log_likelihood) & _all_finite(params),
-    )
+class EMState(NamedTuple):
+    """The generic EM iteration's state (the solver-state fields of :mod:`moe_theory.fit.solver`)."""
+
+    params: MoEParams
+    log_gate: jnp.ndarray  # log π(x) at params.gate, reused by the next E-step
+    log_likelihood: jnp.ndarray  # ℓ at params (computed by the E-step of the next iteration)
+    previous: jnp.ndarray
+    iteration: jnp.ndarray
+    finite: jnp.ndarray
 
 
-def relative_change_converged(value, previous, iteration, tol) -> jnp.ndarray:
-    """The stopping rule of [1]: |ℓ_t − ℓ_{t−1}| ≤ tol·|ℓ_{t−1}| after at least two iterations.
+def prepare(family: Family, config: EMConfig, params0: MoEParams, x, y, weights) -> tuple[EMData, EMState]:
+    """The prepared data and the generic state before the first iteration, in the dtype of ``params0``.
 
-    False whenever either value is NaN, so a NaN can never count as converged.
+    Padding rows (weight 0) may hold anything; they are zeroed so that they cannot inject NaN via
+    0·NaN. The start is put in canonical form. Both EM solvers start from here.
     """
-    return (iteration >= 2) & (jnp.abs(value - previous) <= tol * jnp.abs(previous))
-
-
-def _has_converged(state, tol) -> jnp.ndarray:
-    return relative_change_converged(state.log_likelihood, state.previous, state.iteration, tol)
-
-
-def _prepare(family: Family, config: EMConfig, params0: MoEParams, x, y, weights):
     dtype = jax.tree_util.tree_leaves(params0)[0].dtype
     weights = jnp.ones(x.shape[0], dtype) if weights is None else jnp.asarray(weights, dtype)
     padded = weights > 0
-    # Padding rows may hold anything; zero them so that 0-weight rows cannot inject NaN via 0·NaN.
     x = jnp.where(padded[:, None], x, 0.0).astype(dtype)
     y = jnp.where(padded, y, 0).astype(y.dtype)
     params0 = canonicalize(family, params0)
@@ -353,102 +280,49 @@ def _prepare(family: Family, config: EMConfig, params0: MoEParams, x, y, weights
     else:
         log_gate = log_gate_weights(family.gate, params0.gate, x)
     nan = jnp.asarray(jnp.nan, dtype)
-    state = _State(params0, log_gate, nan, nan, jnp.asarray(0), _all_finite(params0))
-    return x, y, weights, jnp.sum(weights), state
+    state = EMState(params0, log_gate, nan, nan, jnp.asarray(0), all_finite(params0))
+    return EMData(x, y, weights, jnp.sum(weights)), state
 
 
-def _finish(family: Family, state: _State, converged, x, y, weights, total) -> FitResult:
-    final_log_likelihood, _ = _e_step(family, state.params, state.log_gate, x, y, weights, total)
-    finite = state.finite & jnp.isfinite(final_log_likelihood) & _all_finite(state.params)
-    return FitResult(
-        params=canonicalize(family, state.params),
-        log_likelihood=final_log_likelihood,
-        n_iter=state.iteration,
-        converged=converged & finite,
-        finite=finite,
-    )
+@dataclass(frozen=True)
+class GenericEM:
+    """The generic EM iteration of the module docstring, as a solver of :mod:`moe_theory.fit.solver`."""
 
+    family: Family
+    config: EMConfig
 
-def _generic_problem(family: Family, config: EMConfig, params0: MoEParams, x, y, weights):
-    """(initial state, iterate, finish) of this module's generic iteration, for the drivers below."""
-    x, y, weights, total, initial = _prepare(family, config, params0, x, y, weights)
+    @property
+    def max_iter(self) -> int:
+        return self.config.max_iter
 
-    def iterate(state: _State, active) -> _State:
+    def init(self, params0: MoEParams, x, y, weights) -> tuple[EMData, EMState]:
+        return prepare(self.family, self.config, params0, x, y, weights)
+
+    def step(self, data: EMData, state: EMState, active) -> EMState:
         del active  # the generic iteration has no replicate-dependent work to skip
-        return _em_iteration(family, config, x, y, weights, total, state)
+        family, config = self.family, self.config
+        log_likelihood, omega = e_step(family, state.params, state.log_gate, data.x, data.y, data.weights, data.total)
+        expert = expert_mstep(family, config, state.params, data.x, data.y, omega, data.total)
+        gate, log_gate = gate_mstep(family, config, state.params, state.log_gate, data.x, omega, data.total)
+        params = MoEParams(gate, expert)
+        return EMState(
+            params=params,
+            log_gate=log_gate,
+            log_likelihood=log_likelihood,
+            previous=state.log_likelihood,
+            iteration=state.iteration + 1,
+            finite=jnp.isfinite(log_likelihood) & all_finite(params),
+        )
 
-    def finish(state: _State, converged) -> FitResult:
-        return _finish(family, state, converged, x, y, weights, total)
-
-    return initial, iterate, finish
-
-
-def _problem(family: Family, config: EMConfig, params0: MoEParams, x, y, weights):
-    # Imported here because the fast path builds on this module's helpers (FitResult, _prepare).
-    from .fast import fast_em_problem, fast_path_applies
-
-    build = fast_em_problem if fast_path_applies(family, config) else _generic_problem
-    return build(family, config, params0, x, y, weights)
-
-
-@jit_fit(("family", "config"))
-def fit_em(
-    family: Family,
-    params0: MoEParams,
-    x: jnp.ndarray,
-    y: jnp.ndarray,
-    weights: jnp.ndarray | None = None,
-    tol: float | jnp.ndarray = 1e-6,
-    config: EMConfig = EMConfig(),
-) -> FitResult:
-    """Fit one dataset by EM from ``params0``.
-
-    Args:
-        family: model family (static).
-        params0: starting parameters (put in canonical form first).
-        x: (n, d) inputs; y: (n,) responses; weights: optional (n,) sample weights ≥ 0, or a
-            boolean mask of the rows to fit (False marks padding), which the fast path sums as
-            cheaply as unit weights.
-        tol: relative log-likelihood change at which to stop (traced).
-        config: static :class:`EMConfig`.
-
-    Returns:
-        :class:`FitResult`. Batch with ``jax.vmap`` or :func:`moe_theory.fit.fit_batch`.
-    """
-    initial, iterate, finish = _problem(family, config, params0, x, y, weights)
-
-    def keep_going(state):
-        return (state.iteration < config.max_iter) & state.finite & ~_has_converged(state, tol)
-
-    # Under vmap the body also runs for replicates that have stopped (their results are discarded);
-    # ``active`` lets an iteration skip replicate-dependent extra work for them.
-    state = jax.lax.while_loop(keep_going, lambda s: iterate(s, keep_going(s)), initial)
-    return finish(state, _has_converged(state, tol))
-
-
-@jit_fit(("family", "config"))
-def fit_em_trace(
-    family: Family,
-    params0: MoEParams,
-    x: jnp.ndarray,
-    y: jnp.ndarray,
-    weights: jnp.ndarray | None = None,
-    tol: float | jnp.ndarray = 1e-6,
-    config: EMConfig = EMConfig(),
-) -> tuple[FitResult, jnp.ndarray]:
-    """Like :func:`fit_em`, but also return the log-likelihood path.
-
-    Runs ``config.max_iter`` scan steps and freezes the state once the stopping rule holds, so the
-    result equals :func:`fit_em`'s. The trace holds ℓ(θ_t) for t = 0 .. max_iter − 1, with NaN
-    after the fit stopped.
-    """
-    initial, iterate, finish = _problem(family, config, params0, x, y, weights)
-
-    def step(state, _):
-        active = state.finite & ~_has_converged(state, tol)
-        new = iterate(state, active)
-        state = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, state)
-        return state, jnp.where(active, state.log_likelihood, jnp.nan)
-
-    state, trace = jax.lax.scan(step, initial, length=config.max_iter)
-    return finish(state, _has_converged(state, tol)), trace
+    def finish(self, data: EMData, state: EMState, converged) -> FitResult:
+        final_log_likelihood, _ = e_step(
+            self.family, state.params, state.log_gate, data.x, data.y, data.weights, data.total
+        )
+        finite = state.finite & jnp.isfinite(final_log_likelihood) & all_finite(state.params)
+        return FitResult(
+            params=canonicalize(self.family, state.params),
+            log_likelihood=final_log_likelihood,
+            n_iter=state.iteration,
+            converged=converged & finite,
+            finite=finite,
+        )

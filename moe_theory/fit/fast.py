@@ -1,7 +1,7 @@
-"""A fast EM path for the softmax-gated mixture of Gaussian-linear experts (THEORY.md §3).
+"""A fast EM path for the softmax-gated mixture of Gaussian-linear experts (``docs/estimators.md``).
 
-:func:`moe_theory.fit.em.fit_em` and :func:`~moe_theory.fit.em.fit_em_trace` use this module
-automatically when :func:`fast_path_applies`: the gate is the plain linear-score softmax (no
+:func:`moe_theory.fit.fit_em`, :func:`~moe_theory.fit.fit_em_trace` and the batched fitters run its
+solver :class:`FastEM` automatically when :func:`fast_path_applies`: the gate is the plain linear-score softmax (no
 activation, temperature or top-K; an input transform z = M(x) is allowed), the experts are Gaussian
 linear, 2 ≤ k ≤ :data:`MAX_EXPERTS`, d ≤ :data:`MAX_DIM`, ``gate_steps == 1`` and
 ``EMConfig.fast_path`` is True (False forces the generic path). It computes the *same* iteration as
@@ -12,7 +12,7 @@ rounding (see "Steps below rounding" and "What can differ" below).
 
 **Notation.** Samples j with weights w_j; expert design D_j = (x_j, 1) ∈ R^{d+1}; gate features
 G_j = (1, z_j) with z_j = M(x_j); free gate coordinates u_i = (β_{0i}, β_{1i}) for i < k − 1 (the
-reference expert k − 1 has score 0, THEORY.md §1); scores s_ji = u_iᵀG_j, log Z_j = logsumexp_i s_ji,
+reference expert k − 1 has score 0, ``docs/gates.md``); scores s_ji = u_iᵀG_j, log Z_j = logsumexp_i s_ji,
 π_ji = exp(s_ji − log Z_j); residuals e_ji = y_j − (a_i, b_i)ᵀD_j at the *current* expert
 parameters; responsibilities r_ji and ω_ji = w_j r_ji, so that Σ_i ω_ji = w_j.
 
@@ -91,7 +91,7 @@ here, see above), which happens once the parameters have converged to ~1e-8 (wit
 iteration back, can react), a relative change exactly at ``tol``, or a numerically singular Γ_i or
 Hessian.
 
-Padding and the canonical form are handled as in :mod:`moe_theory.fit.em` (its ``_prepare``): the
+Padding and the canonical form are handled as in :mod:`moe_theory.fit.em` (its :func:`~moe_theory.fit.em.prepare`): the
 start is canonicalised, zero-weight rows are zeroed so that they contribute exactly nothing, and the
 reference expert's gate coordinates never move.
 
@@ -103,6 +103,7 @@ that run this path are therefore compiled with their own XLA options
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
@@ -114,8 +115,10 @@ from ..experts import GaussianLinear
 from ..gates import TRANSFORMS
 from ..models import Family, canonicalize
 from ..params import MoEParams
-from .em import EMConfig, FitResult, _all_finite, _prepare
-from .newton import _damped_newton_direction
+from .em import prepare
+from .newton import damped_newton_direction
+from .settings import EMConfig
+from .solver import FitResult, all_finite
 
 MAX_DIM = 4
 """Largest input dimension d served by the fast path (the generic path runs above it)."""
@@ -131,7 +134,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 
 def fast_path_applies(family: Family, config: EMConfig) -> bool:
-    """Whether :func:`fast_em_problem` computes this family's EM iteration (see the module docstring)."""
+    """Whether :class:`FastEM` computes this family's EM iteration (see the module docstring)."""
     gate = family.gate
     dense = gate.top_k is None or gate.top_k >= family.num_experts
     return bool(
@@ -443,7 +446,7 @@ def _gate_direction(moments, gate, total):
             for i, a in coordinates
         ]
     ) / total  # −∇²Q = Σ w (diag π − ππᵀ) ⊗ G Gᵀ / Σ w
-    flat = _damped_newton_direction(curvature, gradient)
+    flat = damped_newton_direction(curvature, gradient)
     position = {coordinate: p for p, coordinate in enumerate(coordinates)}
     direction = jnp.stack([jnp.stack([flat[position[i, a]] for a in range(size)]) for i in range(num_free)])
     gain = jnp.sum(direction * jnp.stack([jnp.stack(r) for r in response]))
@@ -454,7 +457,10 @@ def _gate_direction(moments, gate, total):
 # Loop state and iteration.
 
 
-class _FastState(NamedTuple):
+class FastState(NamedTuple):
+    """The fast iteration's state: the accepted gate, the pending gate step and the experts, with the
+    solver-state fields of :mod:`moe_theory.fit.solver` (ℓ, previous ℓ, iteration, finite)."""
+
     gate: jnp.ndarray  # accepted free gate coordinates u_t, (k − 1, d + 1)
     direction: jnp.ndarray  # pending Newton direction δ_t (zeros before the first M-step)
     gain: jnp.ndarray  # Σ_i δ_iᵀ Σ_j ω_ji G_j of the pending step
@@ -462,7 +468,7 @@ class _FastState(NamedTuple):
     log_normaliser: jnp.ndarray  # Σ_j w_j log Z_j at ``gate``
     pending: jnp.ndarray  # whether ``direction`` still awaits its step-halving decision
     expert: tuple  # (a, b, ν) of θ_{t+1}
-    log_likelihood: jnp.ndarray  # ℓ(θ_t); this and the next three fields mean what they mean in em._State
+    log_likelihood: jnp.ndarray  # ℓ(θ_t); this and the next three fields are the solver-state fields
     previous: jnp.ndarray
     iteration: jnp.ndarray
     finite: jnp.ndarray
@@ -474,7 +480,7 @@ def _improves(gain, change):
     return jnp.isfinite(difference) & (difference >= 0)
 
 
-def _takes_full_step(state: _FastState, candidate_log_normaliser) -> jnp.ndarray:
+def takes_full_step(state: FastState, candidate_log_normaliser) -> jnp.ndarray:
     """Whether the pending step is taken whole: there is none, or it passes the test Q(u + δ) ≥ Q(u),
     or its predicted improvement is below the rounding error of Σ w log Z and its value is finite
     (see "Steps below rounding" in the module docstring)."""
@@ -501,7 +507,7 @@ def _only_where(needed, compute, operands, otherwise):
     return lax.while_loop(lambda carry: carry[0], body, (needed, otherwise))[1]
 
 
-def _settle_and_evaluate(data: _Data, state: _FastState, max_halvings: int, active, with_moments: bool):
+def _settle_and_evaluate(data: _Data, state: FastState, max_halvings: int, active, with_moments: bool):
     """Decide the pending gate step as the generic step halving does (apart from steps below
     rounding, see the module docstring), and evaluate the E-step there.
 
@@ -511,7 +517,7 @@ def _settle_and_evaluate(data: _Data, state: _FastState, max_halvings: int, acti
     """
     candidate = state.gate + state.direction
     evaluated = _evaluate(data, candidate, state.expert, with_moments)
-    full_step = _takes_full_step(state, evaluated["log_normaliser"])
+    full_step = takes_full_step(state, evaluated["log_normaliser"])
     # A non-finite direction makes every trial value non-finite: all its trials would be rejected.
     searching = active & ~full_step & jnp.all(jnp.isfinite(state.direction))
     smallest = 0.5**max_halvings
@@ -537,48 +543,67 @@ def _settle_and_evaluate(data: _Data, state: _FastState, max_halvings: int, acti
     return gate, evaluated
 
 
-def fast_em_problem(family: Family, config: EMConfig, params0: MoEParams, x, y, weights):
-    """(initial state, iterate, finish) for the EM drivers of :mod:`moe_theory.fit.em`.
+class FastData(NamedTuple):
+    """The data of one fast-path fit: columns over samples and Σ_j w_j."""
 
-    ``iterate(state, active)`` performs one EM iteration (``active``: the replicate is still running,
-    so that batched rare paths skip stopped ones); ``finish(state, converged)`` settles the pending
-    gate step, runs the final E-step and returns the :class:`FitResult`.
+    columns: _Data
+    total: jnp.ndarray
+
+
+@dataclass(frozen=True)
+class FastEM:
+    """The fast EM iteration of the module docstring, as a solver of :mod:`moe_theory.fit.solver`.
+
+    ``step(data, state, active)`` performs one EM iteration (``active``: the replicate is still
+    running, so that batched rare paths skip stopped ones); ``finish`` settles the pending gate step,
+    runs the final E-step and returns the :class:`~moe_theory.fit.solver.FitResult`.
     """
-    unit_weights = weights is None
-    mask = not unit_weights and jnp.result_type(weights) == jnp.bool_
-    x, y, weights, total, generic = _prepare(family, config, params0, x, y, weights)
-    data = _columns(x, y, None if unit_weights else weights, family.gate.transform, mask)
-    start = generic.params
-    gate0 = jnp.concatenate([start.gate["beta0"][:-1, None], start.gate["beta1"][:-1]], axis=1)
-    dtype = gate0.dtype
-    nan = jnp.asarray(jnp.nan, dtype)
-    initial = _FastState(
-        gate=gate0,
-        direction=jnp.zeros_like(gate0),
-        gain=jnp.zeros((), dtype),
-        predicted=jnp.zeros((), dtype),
-        log_normaliser=jnp.zeros((), dtype),
-        pending=jnp.asarray(False),
-        expert=(start.expert["a"], start.expert["b"], start.expert["nu"]),
-        log_likelihood=nan,
-        previous=nan,
-        iteration=jnp.asarray(0),
-        finite=generic.finite,
-    )
 
-    def iterate(state: _FastState, active) -> _FastState:
-        gate, evaluated = _settle_and_evaluate(data, state, config.max_halvings, active, True)
+    family: Family
+    config: EMConfig
+
+    @property
+    def max_iter(self) -> int:
+        return self.config.max_iter
+
+    def init(self, params0: MoEParams, x, y, weights) -> tuple[FastData, FastState]:
+        unit_weights = weights is None
+        mask = not unit_weights and jnp.result_type(weights) == jnp.bool_
+        prepared, generic = prepare(self.family, self.config, params0, x, y, weights)
+        columns = _columns(prepared.x, prepared.y, None if unit_weights else prepared.weights, self.family.gate.transform, mask)
+        start = generic.params
+        gate0 = jnp.concatenate([start.gate["beta0"][:-1, None], start.gate["beta1"][:-1]], axis=1)
+        dtype = gate0.dtype
+        nan = jnp.asarray(jnp.nan, dtype)
+        initial = FastState(
+            gate=gate0,
+            direction=jnp.zeros_like(gate0),
+            gain=jnp.zeros((), dtype),
+            predicted=jnp.zeros((), dtype),
+            log_normaliser=jnp.zeros((), dtype),
+            pending=jnp.asarray(False),
+            expert=(start.expert["a"], start.expert["b"], start.expert["nu"]),
+            log_likelihood=nan,
+            previous=nan,
+            iteration=jnp.asarray(0),
+            finite=generic.finite,
+        )
+        return FastData(columns, prepared.total), initial
+
+    def step(self, data: FastData, state: FastState, active) -> FastState:
+        columns, total, config = data.columns, data.total, self.config
+        gate, evaluated = _settle_and_evaluate(columns, state, config.max_halvings, active, True)
         moments = evaluated["moments"]
         update, squares, responsibility, cancelled = _expert_update(moments, state.expert)
 
         def summed_directly(at, expert, step):
-            return jnp.where(cancelled, _exact_squares(data, at, expert, step), squares)
+            return jnp.where(cancelled, _exact_squares(columns, at, expert, step), squares)
 
         squares = _only_where(active & jnp.any(cancelled), summed_directly, (gate, state.expert, update), squares)
         expert = _expert_mstep(state.expert, update, squares, responsibility, config.variance_floor)
         direction, gain, predicted = _gate_direction(moments, gate, total)
         log_likelihood = evaluated["log_likelihood"] / total
-        return _FastState(
+        return FastState(
             gate=gate,
             direction=direction,
             gain=gain,
@@ -589,26 +614,24 @@ def fast_em_problem(family: Family, config: EMConfig, params0: MoEParams, x, y, 
             log_likelihood=log_likelihood,
             previous=state.log_likelihood,
             iteration=state.iteration + 1,
-            finite=jnp.isfinite(log_likelihood) & _all_finite((gate, expert)),
+            finite=jnp.isfinite(log_likelihood) & all_finite((gate, expert)),
         )
 
-    def finish(state: _FastState, converged) -> FitResult:
-        gate, evaluated = _settle_and_evaluate(data, state, config.max_halvings, jnp.asarray(True), False)
-        final_log_likelihood = evaluated["log_likelihood"] / total
-        reference = jnp.zeros((1, gate.shape[1]), dtype)  # the reference expert's (β₀, β₁) = 0
+    def finish(self, data: FastData, state: FastState, converged) -> FitResult:
+        gate, evaluated = _settle_and_evaluate(data.columns, state, self.config.max_halvings, jnp.asarray(True), False)
+        final_log_likelihood = evaluated["log_likelihood"] / data.total
+        reference = jnp.zeros((1, gate.shape[1]), gate.dtype)  # the reference expert's (β₀, β₁) = 0
         full_gate = jnp.concatenate([gate, reference])
         slopes, intercepts, variances = state.expert
         params = MoEParams(
             gate={"beta0": full_gate[:, 0], "beta1": full_gate[:, 1:]},
             expert={"a": slopes, "b": intercepts, "nu": variances},
         )
-        finite = state.finite & jnp.isfinite(final_log_likelihood) & _all_finite(params)
+        finite = state.finite & jnp.isfinite(final_log_likelihood) & all_finite(params)
         return FitResult(
-            params=canonicalize(family, params),
+            params=canonicalize(self.family, params),
             log_likelihood=final_log_likelihood,
             n_iter=state.iteration,
             converged=converged & finite,
             finite=finite,
         )
-
-    return initial, iterate, finish

@@ -22,7 +22,7 @@ is left unchanged. Hence Q never decreases, which keeps EM's log-likelihood mono
 EM). Gradients and Hessians come from automatic differentiation, so a new gate needs no M-step code.
 
 [1] Nguyen, Nguyen, Ho, NeurIPS 2023, arXiv 2305.03288 (the authors' IRLS gate update with step
-halving, THEORY.md §3).
+halving, ``docs/estimators.md``).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def gate_free_mask(family: Family, like: Mapping[str, jnp.ndarray]) -> dict[str,
     return mask
 
 
-def _damped_newton_direction(curvature: jnp.ndarray, gradient: jnp.ndarray) -> jnp.ndarray:
+def damped_newton_direction(curvature: jnp.ndarray, gradient: jnp.ndarray) -> jnp.ndarray:
     """Solve (A + μI) δ = g with the smallest of the two shifts μ of the module docstring that works."""
     diagonal = jnp.diagonal(curvature)
     ridge = jnp.finfo(curvature.dtype).eps ** 0.5 * jnp.maximum(jnp.max(jnp.abs(diagonal)), 1.0)
@@ -165,7 +165,7 @@ def newton_ascent(
         value, aux, gradient, hessian = flat_derivatives(flat)
         gradient = gradient * flat_free
         hessian = hessian * flat_free[:, None] * flat_free[None, :]
-        direction = flat_free * _damped_newton_direction(-hessian + jnp.diag(1.0 - flat_free), gradient)
+        direction = flat_free * damped_newton_direction(-hessian + jnp.diag(1.0 - flat_free), gradient)
 
         def try_step(state):
             step_size, _, _, _, _ = state

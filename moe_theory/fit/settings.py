@@ -1,0 +1,116 @@
+"""Every default of the fitters, in one place: the config parser (:mod:`moe_theory.config`), the
+command line (:mod:`moe_theory.cli`) and the Python API (:mod:`moe_theory.fit`) read them from here.
+
+* :class:`EMConfig` holds the *static* EM settings (part of the compiled program: changing one
+  recompiles). :data:`EM_DEFAULTS` is its default instance.
+* :class:`FitDefaults` holds the defaults that are not static: ``tol`` is a traced argument of
+  every fitter (changing it does not recompile), and the estimator and the number of random
+  starts are chosen per call. :data:`FIT_DEFAULTS` is its default instance.
+
+L-BFGS (:mod:`moe_theory.fit.mle`) keeps its own tighter tolerance and iteration bound, which are
+fields of its solver there. The algorithms and the stopping rule are in ``docs/estimators.md``.
+
+[1] Nguyen, Nguyen, Ho, "Demystifying Softmax Gating Function in Gaussian Mixture of Experts",
+NeurIPS 2023, arXiv 2305.03288 (``max_iter`` = 2000, ``tol`` = 1e-6, the authors' stopping rule).
+[8] Nguyen, Nguyen, Nguyen, Ho, "Towards Convergence Rates for Parameter Estimation in
+Gaussian-gated Mixture of Experts", AISTATS 2024, arXiv 2305.07572 (the joint likelihood).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LIKELIHOODS = ("conditional", "joint")
+"""The likelihoods EM maximises: log p(y | x), or log p(x, y) under the Gaussian gate's input mixture [8]."""
+
+METHODS = ("em", "mle")
+"""The estimators: EM (:mod:`moe_theory.fit.em`, :mod:`moe_theory.fit.fast`) and L-BFGS (:mod:`moe_theory.fit.mle`)."""
+
+
+@dataclass(frozen=True)
+class EMConfig:
+    """Static EM settings (changing one recompiles).
+
+    Attributes:
+        max_iter: at most this many EM iterations (the authors use 2000 [1]).
+        gate_steps: damped Newton steps on the gate per iteration (1: generalised EM; the authors
+            iterate to convergence, up to 300).
+        expert_steps: Newton steps for experts without a closed-form M-step.
+        inner_tol: the gate's (and such experts') Newton loop stops early once a step gains at most
+            ``inner_tol``·|Q| (:func:`moe_theory.fit.newton.newton_ascent`), so ``gate_steps=300``
+            costs only the steps that still move.
+        max_halvings: step halvings tried per Newton step.
+        variance_floor: lower bound on fitted Gaussian variances; 0 returns the exact MLE, under
+            which an over-fitted expert may collapse onto one point (reported as ``finite=False``).
+        likelihood: ``"conditional"`` (log p(y | x), the default) or ``"joint"`` (log p(x, y) under
+            the Gaussian gate's input mixture [8]; plain Gaussian gate only, see :mod:`moe_theory.fit.em`).
+        fast_path: use :mod:`moe_theory.fit.fast` where it applies (softmax gate without
+            activation, temperature or top-K, Gaussian-linear experts, 2 ≤ k ≤ 6, d ≤ 4,
+            ``gate_steps == 1``). It computes the same iteration; False forces the generic path.
+    """
+
+    max_iter: int = 2000
+    gate_steps: int = 1
+    expert_steps: int = 1
+    inner_tol: float = 1e-12
+    max_halvings: int = 20
+    variance_floor: float = 0.0
+    likelihood: str = "conditional"
+    fast_path: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_iter", "gate_steps", "expert_steps", "max_halvings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name == "max_iter" else 0):
+                raise ValueError(f"{name}: expected a non-negative integer (max_iter ≥ 1), got {value!r}")
+        if not self.inner_tol >= 0:
+            raise ValueError(f"inner_tol: expected ≥ 0, got {self.inner_tol!r}")
+        if not self.variance_floor >= 0:
+            raise ValueError(f"variance_floor: expected ≥ 0, got {self.variance_floor!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood: expected one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if not isinstance(self.fast_path, bool):
+            raise ValueError(f"fast_path: expected True or False, got {self.fast_path!r}")
+
+
+@dataclass(frozen=True)
+class FitDefaults:
+    """Defaults of the per-call fit settings that are not part of the compiled program.
+
+    Attributes:
+        tol: relative log-likelihood change at which EM stops [1] (traced, never static).
+        method: the estimator, one of :data:`METHODS`.
+        n_init: random starts per dataset; the best final log-likelihood is kept.
+    """
+
+    tol: float = 1e-6
+    method: str = "em"
+    n_init: int = 1
+
+
+EM_DEFAULTS = EMConfig()
+"""The default static EM settings."""
+
+FIT_DEFAULTS = FitDefaults()
+"""The default per-call fit settings."""
+
+
+@dataclass(frozen=True)
+class LBFGSDefaults:
+    """Defaults of direct maximum likelihood (:func:`moe_theory.fit.fit_mle`).
+
+    Attributes:
+        tol: relative log-likelihood change at which L-BFGS stops; it takes many cheap steps, so
+            its tolerance is tighter than EM's.
+        max_iter: at most this many L-BFGS iterations when called directly (the batched fitters
+            pass :attr:`EMConfig.max_iter`).
+        memory_size: L-BFGS history length.
+    """
+
+    tol: float = 1e-10
+    max_iter: int = 500
+    memory_size: int = 10
+
+
+LBFGS_DEFAULTS = LBFGSDefaults()
+"""The default L-BFGS settings."""
