@@ -15,7 +15,7 @@ Rows of the table, each timed as the median of ``--repeats`` runs after one warm
 * ``generic``: the same call with ``EMConfig(fast_path=False)``, the generic EM iteration.
 * ``numpy``: a plain NumPy implementation of the same algorithm, written below: vectorised over
   the samples, looping over replicates; closed-form expert M-step and one damped Newton gate step
-  with step halving per iteration, as in THEORY.md §3.
+  with step halving per iteration, as in docs/estimators.md.
 * ``floor``: FLOPs, exponentials and bytes an iteration cannot avoid, at the measured matmul rate,
   exp throughput and copy bandwidth of this machine (see :func:`floor_model`).
 

@@ -1,6 +1,6 @@
 """Time the paper-1 exact-fitted protocol end to end through ``moe-theory run``.
 
-The protocol of Nguyen, Nguyen & Ho (NeurIPS 2023, arXiv 2305.03288; THEORY.md §5): the
+The protocol of Nguyen, Nguyen & Ho (NeurIPS 2023, arXiv 2305.03288; docs/studies/paper1_softmax_gaussian.md): the
 softmax-gated Gaussian MoE with k = k* = 2, inputs linspace(0, 1, n), 200 sample sizes
 (linspace(100, 900, 5) then linspace(1000, 1e5, 195)), 40 replicates, the authors' near-truth start,
 EM with tol 1e-6 and at most 2000 iterations, float64, scored by D₁. The authors' run took 877 s on

@@ -254,7 +254,7 @@ def _list_command(args: argparse.Namespace) -> int:
         registry["paper"] = registry["citation"].str.extract(r"^\[(\d+)\]", expand=False).fillna("")
         with pd.option_context("display.width", 200, "display.max_colwidth", 40):
             print(registry[["family", "setting", "quantity", "rate", "paper"]].to_string(index=False))
-        print("\npapers: numbering of THEORY.md §6 (moe_theory.rates.PAPERS); use these keys in a config's rates section")
+        print("\npapers: numbering of docs/README.md#papers (moe_theory.rates.PAPERS); use these keys in a config's rates section")
         return 0
     import yaml
 

@@ -23,7 +23,7 @@ Conventions
   such strings. An integer field accepts an integral float (``1e5``).
 * **Validation of the model** uses :func:`moe_theory.model_from_dict`, whose messages name the
   parameter; they are re-rooted under ``model.`` here. Every fitted k must be ≥ k*.
-* **Metrics.** Losses are named Voronoi losses (THEORY.md §4, :mod:`moe_theory.losses`):
+* **Metrics.** Losses are named Voronoi losses (docs/losses.md, :mod:`moe_theory.losses`):
   ``D1`` (exact-fitted, every exponent 1, only for groups with k = k*), ``D2`` (over-fitted, the
   family's default exponent table), or a custom name with ``exponents:`` naming a table of
   :data:`moe_theory.losses.EXPONENT_TABLES`. Each loss can be computed under several translations

@@ -93,7 +93,7 @@ from .init import NearTruthNoise, near_truth_init
 from .losses import density_distances, exact_fitted_loss, over_fitted_loss, parameter_errors, voronoi_loss
 from .models import Family, gate_log_weights
 from .params import MoEParams
-from .sampling import GridInputs, InputDistribution
+from .sampling import InputDistribution
 
 __all__ = ["DATA_STREAM", "INIT_STREAM", "DENSITY_STREAM", "bucket_size", "cell_name", "run_sweep", "sample_padded"]
 
@@ -126,16 +126,6 @@ def cell_name(group: FitGroup, n: int) -> str:
 # Sampling at an exact, traced n inside a padded array.
 
 
-def _padded_grid(inputs: GridInputs, n: jnp.ndarray, size: int, dtype) -> jnp.ndarray:
-    """linspace(low, high, n) in the first n of ``size`` rows, with ``jnp.linspace``'s arithmetic
-    (start·(1 − t) + stop·t with t = j/(n − 1), and the last point set to stop)."""
-    index = jax.lax.iota(dtype, size)
-    step = index / jnp.asarray(n - 1, dtype)
-    low, high = jnp.asarray(inputs.low, dtype), jnp.asarray(inputs.high, dtype)
-    grid = low * (1 - step) + high * step
-    return jnp.where(jnp.arange(size) == n - 1, high, grid)[:, None]
-
-
 def sample_padded(
     key: jax.Array, family: Family, params: MoEParams, n: jnp.ndarray, size: int, inputs: InputDistribution
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
@@ -146,10 +136,7 @@ def sample_padded(
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     # The same three streams, in the same order, as moe_theory.sampling.sample.
     input_key, label_key, response_key = jax.random.split(key, 3)
-    if isinstance(inputs, GridInputs):
-        x = _padded_grid(inputs, n, size, dtype)
-    else:
-        x = inputs.draw(input_key, size, family.dim, dtype, params)
+    x = inputs.draw_padded(input_key, n, size, family.dim, dtype, params)
     labels = jax.random.categorical(label_key, gate_log_weights(family, params, x), axis=-1).astype(jnp.int32)
     y = family.expert.sample(response_key, params.expert, x, labels)
     return x, y, jnp.arange(size) < n
