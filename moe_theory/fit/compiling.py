@@ -12,12 +12,11 @@ compute the 2k exponentials, and one variadic reduction of the ~35 moment sums (
 default CPU fusion emitters generate that reduction as scalar code whose accumulators live in
 memory, and vectorise the element-wise passes four doubles wide. XLA's loop emitter
 (``xla_cpu_use_fusion_emitters=False``) with 512-bit vectors (``xla_cpu_prefer_vector_width=512``,
-which only widens code where the CPU has AVX-512) runs the same program faster. On a 2-core AVX-512
-machine, with n = 10,000, k = 3, d = 1, float64 and 64 replicates (``python benchmarks/bench_em.py``),
-one iteration took 0.100 ms per replicate against 0.140 ms with the defaults. The generic iteration
-(sigmoid, top-K, temperature and Laplace gates, or ``fast_path=False``) ran 0–10 % slower with the
-same options and the joint-likelihood EM of the Gaussian gate 16–20 % slower; hence the choice per
-path.
+which only widens code where the CPU has AVX-512) runs the same program faster: about 1.4 times
+on a 2-core AVX-512 machine. The generic iteration (sigmoid, top-K, temperature and Laplace
+gates, or ``fast_path=False``) and the joint-likelihood EM of the Gaussian gate run slower with
+the same options; hence the choice per path. ``python benchmarks/bench_em.py`` measures both, and
+``benchmarks/README.md`` records the figures.
 
 **Scope.** Options belong to the outermost compiled program (JAX rejects them on a nested jit). A
 fit called under the caller's own ``jax.jit`` or ``jax.vmap`` is traced, through the defaults
