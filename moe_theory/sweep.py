@@ -23,8 +23,15 @@ Both are ``jax.jit`` of module-level functions (:func:`fit_cells`, :func:`score_
 argument is a frozen dataclass (:class:`FitSpec`, :class:`ScoreSpec`) holding every choice besides
 the arrays, so ``jax.jit``'s own cache serves a repeated cell, a resumed or repeated sweep in the
 same process, and a test. The fit program carries the fit's XLA options
-(:mod:`moe_theory.fit.compiling`). Compile time is read from JAX's monitoring events: each call
-that compiled adds a program entry (trace and XLA seconds) to the session's ``meta.json``.
+(:mod:`moe_theory.fit.compiling`).
+
+**Compiling ahead.** Before the first cell runs, every program the pending cells need is queued,
+in the order they need it, for ``lower(...).compile()`` in one background thread; that fills the
+caches the cells' calls then read, so XLA compiles the next bucket's program while the current
+cells run, and a cell waits only for a program that is not ready yet. Compile time is read from
+JAX's monitoring events, per thread: each program compiled adds an entry (trace and XLA seconds)
+to the session's ``meta.json``; ``compile_seconds`` is their sum and ``compile_wait_seconds`` the
+time the cells spent waiting for them.
 
 **Buckets.** XLA compiles one program per array shape, so a sample of size n is padded to the
 bucket size N(n) = the smallest ⌈g^i⌉ ≥ n (g = ``sweep.bucket_growth``; g = 2 gives powers of two)
@@ -73,7 +80,9 @@ On a machine with several accelerators the replicate axis of each chunk is shard
 from __future__ import annotations
 
 import math
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -91,6 +100,7 @@ from .fit.compiling import jit_variant, program_options
 from .fit.starts import random_init
 from .init import NearTruthNoise, near_truth_init
 from .losses import density_distances, exact_fitted_loss, over_fitted_loss, parameter_errors, voronoi_loss
+from .metrics import cell_size_column, error_column, mass_column, mass_error_column, shared_error_column
 from .models import Family, gate_log_weights
 from .params import MoEParams
 from .sampling import InputDistribution
@@ -274,40 +284,94 @@ _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 @dataclass
-class _CompileLog:
-    """Compilation seen through JAX's monitoring events: per program (the calls of :func:`_timed_call`
-    that compiled) and in total."""
-
-    programs: list[dict] = field(default_factory=list)
+class _Counters:
     xla_compiles: int = 0
     xla_seconds: float = 0.0
     trace_seconds: float = 0.0
+
+
+@dataclass
+class _CompileLog:
+    """Compilation seen through JAX's monitoring events, counted per thread (the sweep compiles
+    ahead in a background thread while the main thread runs cells): per program and in total."""
+
+    programs: list[dict] = field(default_factory=list)
+    threads: dict[int, _Counters] = field(default_factory=dict)
     cache_hits: int = 0
+    wait_seconds: float = 0.0
+
+    def counters(self) -> _Counters:
+        return self.threads.setdefault(threading.get_ident(), _Counters())
 
     def on_duration(self, event: str, duration: float, **_: Any) -> None:
+        counters = self.counters()
         if event == _COMPILE_EVENT:
-            self.xla_compiles += 1
-            self.xla_seconds += duration
+            counters.xla_compiles += 1
+            counters.xla_seconds += duration
         elif event in _TRACE_EVENTS:
-            self.trace_seconds += duration
+            counters.trace_seconds += duration
 
     def on_event(self, event: str, **_: Any) -> None:
         if event == "/jax/compilation_cache/cache_hits":
             self.cache_hits += 1
 
+    def timed(self, description: dict, work: Callable[[], Any]) -> Any:
+        """``work()``, logging a program entry when it compiled in this thread (a miss of
+        ``jax.jit``'s cache: tracing, lowering and an XLA compilation or a persistent-cache load)."""
+        counters = self.counters()
+        compiles, compile_seconds, trace_seconds = counters.xla_compiles, counters.xla_seconds, counters.trace_seconds
+        result = work()
+        if counters.xla_compiles > compiles:
+            self.programs.append({
+                **description,
+                "trace_seconds": round(counters.trace_seconds - trace_seconds, 3),
+                "compile_seconds": round(counters.xla_seconds - compile_seconds, 3),
+                "ahead": threading.get_ident() != threading.main_thread().ident,
+            })
+        return result
 
-def _timed_call(log: _CompileLog, description: dict, program: Callable, *arguments):
-    """``program(*arguments)``, logging a program entry when the call compiled (a miss of
-    ``jax.jit``'s cache: tracing, lowering and an XLA compilation or a persistent-cache load)."""
-    compiles, compile_seconds, trace_seconds = log.xla_compiles, log.xla_seconds, log.trace_seconds
-    result = program(*arguments)
-    if log.xla_compiles > compiles:
-        log.programs.append({
-            **description,
-            "trace_seconds": round(log.trace_seconds - trace_seconds, 3),
-            "compile_seconds": round(log.xla_seconds - compile_seconds, 3),
-        })
-    return result
+    @property
+    def xla_compiles(self) -> int:
+        return sum(c.xla_compiles for c in self.threads.values())
+
+    @property
+    def xla_seconds(self) -> float:
+        return sum(c.xla_seconds for c in self.threads.values())
+
+
+class _AheadCompiler:
+    """Compiles the sweep's programs in one background thread, in the order the cells need them,
+    so that XLA compiles the next bucket's program while the current cells run.
+
+    ``jit(f).lower(...).compile()`` fills the same in-memory caches a later ``jit(f)(...)`` call reads,
+    so the main thread calls the programs as usual and finds them compiled; it only waits when a
+    program is not ready yet (``wait_seconds``). Results are those of compiling on first use: the
+    programs are the same.
+    """
+
+    def __init__(self, log: _CompileLog):
+        self._log = log
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-theory-compile")
+        self._futures: dict[tuple, Future] = {}
+
+    def request(self, key: tuple, description: dict, compile_program: Callable[[], Any]) -> None:
+        """Queue ``compile_program()`` (a ``lower(...).compile()``) under ``key``, once."""
+        if key not in self._futures:
+            self._futures[key] = self._pool.submit(self._log.timed, description, compile_program)
+
+    def wait(self, key: tuple) -> None:
+        future = self._futures.get(key)
+        if future is None:
+            return
+        started = time.perf_counter()
+        try:
+            future.result()
+        except Exception:  # noqa: BLE001 - the call on the main thread compiles again and raises the error there
+            pass
+        self._log.wait_seconds += time.perf_counter() - started
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,13 +392,13 @@ def _cell_frame(config: StudyConfig, group: FitGroup, n: int, size: int, replica
     columns["n_iter"] = np.asarray(fits.n_iter[:count], dtype=np.int64)
     columns["converged"] = np.asarray(fits.converged[:count], dtype=bool)
     columns["finite"] = np.asarray(fits.finite[:count], dtype=bool)
-    per_atom = {"mass_err": "mass_err_atom{}", "mass": "mass_atom{}", "cell_size": "cell_size_atom{}"}
+    per_atom = {"mass_err": mass_error_column, "mass": mass_column, "cell_size": cell_size_column}
     for name, value in scores.items():
         value = np.asarray(value[:count])
-        if value.ndim == 2:  # (replicate, true atom)
-            template = per_atom.get(name, name + "_atom{}")
+        if value.ndim == 2:  # (replicate, true atom): err_<block> or one of per_atom
+            column = per_atom.get(name, lambda atom, name=name: f"{name}_atom{atom}")
             for atom in range(value.shape[1]):
-                columns[template.format(atom)] = value[:, atom].astype(np.int64 if name == "cell_size" else np.float64)
+                columns[column(atom)] = value[:, atom].astype(np.int64 if name == "cell_size" else np.float64)
         else:
             columns[name] = value.astype(np.float64)
     for group_name in ("gate", "expert"):
@@ -356,9 +420,9 @@ def column_order(config: StudyConfig) -> list[str]:
             order += [distance, f"{distance}_se"]
     if config.metrics.parameter_errors:
         for atom in range(config.num_true):
-            order += [f"err_{block}_atom{atom}" for block in config.atom_blocks()]
-            order += [f"mass_err_atom{atom}", f"mass_atom{atom}", f"cell_size_atom{atom}"]
-        order += [f"err_{block}" for block in config.shared_blocks()]
+            order += [error_column(block, atom) for block in config.atom_blocks()]
+            order += [mass_error_column(atom), mass_column(atom), cell_size_column(atom)]
+        order += [shared_error_column(block) for block in config.shared_blocks()]
     largest = max(config.groups, key=lambda g: g.num_experts)
     family = config.fitted_family(largest)
     for fields in (family.gate.fields, family.expert.fields):
@@ -450,6 +514,26 @@ def plan(config: StudyConfig) -> dict[str, Any]:
     }
 
 
+def _request_programs(compiler: _AheadCompiler, config: StudyConfig, pending, root_key, chunk, tol, truth,
+                      density_key) -> None:
+    """Queue every fit and score program the pending cells need, in the order they need them."""
+    growth = config.sweep.bucket_growth
+    for group, n in pending:
+        size = bucket_size(n, growth)
+        fit_spec = FitSpec.of(config, group, size)
+        fit_program = fit_cells_program(fit_spec)
+        fit_arguments = (fit_spec, root_key, chunk, np.int64(n), tol, truth)
+        compiler.request(("fit", group.index, size), {"program": "fit", "group": group.label, "bucket": size},
+                         lambda program=fit_program, arguments=fit_arguments: program.lower(*arguments).compile())
+
+        def compile_score(spec=ScoreSpec.of(config, group), program=fit_program, arguments=fit_arguments):
+            # The fit program's output shapes, from its (cached) trace: nothing runs or compiles here.
+            fitted = program.trace(*arguments).out_info.params
+            return score_cells_program.lower(spec, fitted, truth, density_key).compile()
+
+        compiler.request(("score", group.index), {"program": "score", "group": group.label}, compile_score)
+
+
 def run_sweep(
     config: StudyConfig,
     run_dir: str | Path,
@@ -493,29 +577,33 @@ def run_sweep(
     log = _CompileLog()
     monitoring.register_event_duration_secs_listener(log.on_duration)
     monitoring.register_event_listener(log.on_event)
+    compiler = _AheadCompiler(log)
     cell_seconds: dict[str, float] = {}
     bar = None
-    if progress and pending:
-        from tqdm.auto import tqdm
-
-        work = sum(bucket_size(n, growth) * len(replicate_chunks) * batch for _, n in pending)
-        # Progress is measured in padded data points fitted, so the ETA weighs a cell by its cost.
-        bar = tqdm(total=work, desc=config.name, dynamic_ncols=True,
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     try:
+        _request_programs(compiler, config, pending, root_key, replicate_chunks[0], tol, truth, density_key)
+        if progress and pending:
+            from tqdm.auto import tqdm
+
+            work = sum(bucket_size(n, growth) * len(replicate_chunks) * batch for _, n in pending)
+            # Progress is measured in padded data points fitted, so the ETA weighs a cell by its cost.
+            bar = tqdm(total=work, desc=config.name, dynamic_ncols=True,
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
         for written, (group, n) in enumerate(pending, start=1):
             cell_start = time.perf_counter()
             size = bucket_size(n, growth)
             if bar is not None:
                 bar.set_postfix_str(f"{group.label}, n={n} (bucket {size})")
             fit_spec, score_spec = FitSpec.of(config, group, size), ScoreSpec.of(config, group)
-            fit_program = fit_cells_program(fit_spec)  # before timing: choosing the options may compile a probe
+            fit_program = fit_cells_program(fit_spec)
             frames = []
             for chunk in replicate_chunks:
-                fits = _timed_call(log, {"program": "fit", "group": group.label, "bucket": size},
-                                   fit_program, fit_spec, root_key, chunk, np.int64(n), tol, truth)
-                scores = _timed_call(log, {"program": "score", "group": group.label},
-                                     score_cells_program, score_spec, fits.params, truth, density_key)
+                compiler.wait(("fit", group.index, size))
+                fits = log.timed({"program": "fit", "group": group.label, "bucket": size},
+                                 lambda: fit_program(fit_spec, root_key, chunk, np.int64(n), tol, truth))
+                compiler.wait(("score", group.index))
+                scores = log.timed({"program": "score", "group": group.label},
+                                   lambda: score_cells_program(score_spec, fits.params, truth, density_key))
                 fits, scores = jax.device_get((fits, scores))
                 ids = np.asarray(chunk)
                 keep = ids < config.replicates
@@ -528,6 +616,7 @@ def run_sweep(
             if after_cell is not None:
                 after_cell(written, name)
     finally:
+        compiler.close()
         if bar is not None:
             bar.close()
         monitoring.unregister_event_duration_listener(log.on_duration)
@@ -545,6 +634,7 @@ def run_sweep(
         "devices": jax.device_count(),
         "compile_count": len(log.programs),
         "compile_seconds": round(sum(p["trace_seconds"] + p["compile_seconds"] for p in log.programs), 3),
+        "compile_wait_seconds": round(log.wait_seconds, 3),
         "programs": log.programs,
         "xla_compilations_all": log.xla_compiles,
         "xla_compile_seconds_all": round(log.xla_seconds, 3),
@@ -562,6 +652,7 @@ def _totals(sessions: list[dict]) -> dict[str, Any]:
         "sessions": len(sessions),
         "wall_seconds": round(sum(s.get("wall_seconds", 0.0) for s in sessions), 3),
         "compile_seconds": round(sum(s.get("compile_seconds", 0.0) for s in sessions), 3),
+        "compile_wait_seconds": round(sum(s.get("compile_wait_seconds", 0.0) for s in sessions), 3),
         "compile_count": sum(s.get("compile_count", 0) for s in sessions),
         "cells_computed": sum(s.get("cells_computed", 0) for s in sessions),
     }
