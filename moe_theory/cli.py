@@ -122,7 +122,7 @@ def _run_command(args: argparse.Namespace) -> int:
     import jax
 
     from . import storage, sweep
-    from .config import ConfigError, load_config
+    from .config import ArmsStudy, ConfigError, load_config
 
     if not args.no_compile_cache:
         # Set before anything compiles: JAX decides once whether to use the persistent cache.
@@ -152,6 +152,8 @@ def _run_command(args: argparse.Namespace) -> int:
     except (ConfigError, storage.RunFolderError) as error:
         return _error(str(error))
 
+    if isinstance(config, ArmsStudy):
+        return _run_arms(args, config, run_dir)
     planned = sweep.plan(config)
     print(
         f"{'resuming' if args.resume else 'running'} {config.name}: {len(planned['groups'])} fit group(s) "
@@ -169,7 +171,8 @@ def _run_command(args: argparse.Namespace) -> int:
     session = meta["sessions"][-1]
     print(
         f"\ndone in {session['wall_seconds']:.0f} s (sweep; {session['compile_seconds']:.0f} s compiling "
-        f"{session['compile_count']} program(s), {session['cells_computed']} cell(s) computed, "
+        f"{session['compile_count']} program(s) ahead, {session.get('compile_wait_seconds', 0):.0f} s waited for, "
+        f"{session['cells_computed']} cell(s) computed, "
         f"{session['cells_already_stored']} already stored) + {session['tables_and_figures_seconds']:.0f} s tables and figures"
     )
     print(f"\n{run_dir}/")
@@ -187,17 +190,116 @@ def _run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_arms(args: argparse.Namespace, study, run_dir: Path) -> int:
+    from . import arms, storage, sweep
+
+    for name, config in study.arms:
+        planned = sweep.plan(config)
+        print(f"arm {name}: {len(planned['groups'])} fit group(s) × {planned['sample_sizes']} sample sizes × "
+              f"{planned['replicates']} replicates = {planned['fits']} fits", flush=True)
+    print(f"results: {run_dir}", flush=True)
+    try:
+        meta = arms.run_arms(study, run_dir, progress=not args.no_progress, command=args.command_line)
+    except storage.RunFolderError as error:
+        return _error(str(error))
+    print(f"\ndone in {meta['sessions'][-1]['wall_seconds']:.0f} s; report: {run_dir / storage.REPORT_FILE}")
+    _print_contrasts(run_dir)
+    return 0
+
+
+def _print_contrasts(out_dir: Path) -> None:
+    import pandas as pd
+
+    from .comparison import CONTRASTS_FILE
+
+    path = out_dir / CONTRASTS_FILE
+    if not path.is_file() or path.stat().st_size <= 1:
+        return
+    contrasts = pd.read_csv(path)
+    if contrasts.empty:
+        return
+    print("\ncontrasts (slope of the arm − slope of the reference):")
+    for row in contrasts.itertuples():
+        print(f"  {row.metric}: {row.verdict}")
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from . import arms, comparison, plotting, report, storage
+    from .config import ComparisonSettings, ConfigError
+
+    try:
+        loaded = []
+        for folder in args.run_dirs:
+            if arms.is_arms_run(folder):
+                study, members = arms.load_arms(folder)
+                loaded += [(f"{study.name}:{arm.label}", arm) for arm in members]
+            else:
+                arm = arms.load_arm(folder, "")
+                loaded.append((arm.config.name, arm))
+    except (ConfigError, storage.RunFolderError) as error:
+        return _error(str(error))
+    labels = [label for label, _ in loaded]
+    if len(set(labels)) != len(labels):
+        labels = [f"{label}@{Path(arm.run_dir).name}" for label, arm in loaded]
+    members = [replace(arm, label=label, long=arm.long.assign(arm=label)) for label, (_, arm) in zip(labels, loaded)]
+    if args.arms:
+        unknown = sorted(set(args.arms) - set(labels))
+        if unknown:
+            return _error(f"--arms: unknown arm(s) {unknown}; the runs hold {labels}")
+        members = [arm for arm in members if arm.label in args.arms]
+    try:
+        selectors = tuple(_parse_selector(text) for text in args.metric) if args.metric else ComparisonSettings().metrics
+        statistic = args.statistic if args.statistic in ("mean", "median") else float(args.statistic)
+        settings = ComparisonSettings(metrics=selectors, epsilons=tuple(sorted(args.epsilon)) if args.epsilon else None,
+                                      statistic=statistic, reference=args.reference, n_boot=args.n_boot)
+        tables = comparison.compare_arms(members, settings, args.reference)
+    except ValueError as error:
+        return _error(str(error))
+    out_dir = Path(args.out) if args.out else storage.create_run_dir("results", "compare")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage.write_frame(out_dir / storage.METRICS_FILE, pd.concat([arm.long for arm in members], ignore_index=True))
+    comparison.write_tables(out_dir, tables)
+    figures = plotting.comparison_figures(out_dir, members, tables, settings)
+    preamble = ["Compared runs: " + ", ".join(f"`{folder}`" for folder in args.run_dirs) + ".", ""]
+    path = report.comparison_report(f"comparison: {' vs '.join(a.label for a in members)}", preamble, members, tables,
+                                    settings, figures, out_dir)
+    print(path)
+    _print_contrasts(out_dir)
+    return 0
+
+
+def _parse_selector(text: str):
+    """``D1`` or ``error,block=beta1,atom=0`` → a metric selector."""
+    from .config import SELECTOR_KEYS, MetricSelector
+
+    metric, *pairs = [part.strip() for part in text.split(",")]
+    keys = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or key not in SELECTOR_KEYS[1:]:
+            raise ValueError(f"--metric {text!r}: expected METRIC[,block=B][,atom=J][,translation=T]")
+        keys[key] = int(value) if key == "atom" else value
+    return MetricSelector(metric, **keys)
+
+
 def _print_rates(run_dir: Path) -> None:
     import pandas as pd
 
     from . import report, storage
+    from .config import load_config
+    from .metrics import metric_specs
 
     rates = pd.read_csv(run_dir / storage.RATES_FILE, keep_default_na=False, na_values=[""])
     if rates.empty:
         return
     for column in ("label", "theory_rate", "verdict"):
         rates[column] = rates[column].fillna("").astype(str)
-    main = rates[~rates["metric"].str.startswith(("err_", "mass_err_"))]
+    config = load_config(run_dir / storage.CONFIG_FILE)
+    per_atom = {spec.column for group in config.groups for spec in metric_specs(config, group)
+                if spec.metric in ("error", "mass_error", "shared_error")}
+    main = rates[~rates["metric"].isin(per_atom)]
     shown = report.rates_for_display(main if len(main) else rates)
     with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.2f}".format):
         print("\nrates (log-log slope of the per-n %s):" % rates["statistic"].iloc[0])
@@ -207,10 +309,16 @@ def _print_rates(run_dir: Path) -> None:
 
 
 def _plot_command(args: argparse.Namespace) -> int:
-    from . import plotting, storage
+    from . import arms, comparison, plotting, storage
 
     try:
-        paths = plotting.make_figures(args.run_dir)
+        if arms.is_arms_run(args.run_dir):
+            study, members = arms.load_arms(args.run_dir)
+            tables = comparison.compare_arms(members, study.comparison, study.reference)
+            paths = [path for arm in members for path in plotting.make_figures(arm.run_dir)]
+            paths += plotting.comparison_figures(args.run_dir, members, tables, study.comparison)
+        else:
+            paths = plotting.make_figures(args.run_dir)
     except storage.RunFolderError as error:
         return _error(str(error))
     for path in paths:
@@ -219,9 +327,18 @@ def _plot_command(args: argparse.Namespace) -> int:
 
 
 def _report_command(args: argparse.Namespace) -> int:
-    from . import report, storage
+    from . import arms, report, storage
 
     try:
+        if arms.is_arms_run(args.run_dir):
+            study, members = arms.load_arms(args.run_dir)
+            for arm in members:
+                report.write_tables(arm.run_dir)
+                report.write_report(arm.run_dir)
+            path = arms.write_comparison(args.run_dir, study)
+            print(path)
+            _print_contrasts(Path(args.run_dir))
+            return 0
         report.write_tables(args.run_dir)
         path = report.write_report(args.run_dir)
     except storage.RunFolderError as error:
@@ -296,6 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser = commands.add_parser("report", help="rewrite a run's summary, rates and report.md")
     report_parser.add_argument("run_dir")
     report_parser.set_defaults(handler=_report_command)
+
+    compare_parser = commands.add_parser(
+        "compare", help="compare finished runs (or arms of them): rate contrasts, sample-complexity curves, a report")
+    compare_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                                help="run folders; an arms run contributes each of its arms")
+    compare_parser.add_argument("--arms", nargs="+", help="only these arms (labels as printed in the report)")
+    compare_parser.add_argument("--metric", action="append", default=[],
+                                help="METRIC[,block=B][,atom=J][,translation=T], repeatable (default: main_loss)")
+    compare_parser.add_argument("--epsilon", type=float, action="append", default=[],
+                                help="a target ε of the sample-complexity curves, repeatable (default: chosen from the data)")
+    compare_parser.add_argument("--statistic", default="mean", help="mean, median or a quantile level in (0, 1)")
+    compare_parser.add_argument("--reference", help="the arm the others are compared with (default: the first)")
+    compare_parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    compare_parser.add_argument("--out", help="output folder (default results/compare/<run_id>)")
+    compare_parser.set_defaults(handler=_compare_command)
 
     list_parser = commands.add_parser("list", help="list the shipped configs (or --rates: the theoretical rates)")
     list_parser.add_argument("--rates", action="store_true", help="list the theoretical-rate registry")

@@ -60,7 +60,7 @@ Statistic = Union[str, float]
 STATUSES = ("interpolated", "at_or_below_smallest_n", "beyond_data")
 
 
-def _reduce(values: np.ndarray, statistic: Statistic) -> np.ndarray:
+def reduce_statistic(values: np.ndarray, statistic: Statistic) -> np.ndarray:
     """The statistic over the last axis, ignoring NaN (non-finite values are stored as NaN); NaN
     where every value is NaN."""
     with warnings.catch_warnings():
@@ -164,9 +164,10 @@ def crossing_sizes(sample_sizes: np.ndarray, statistic_values: np.ndarray, epsil
     j = np.clip(last_above, 0, num_sizes - 2)
     log_m_j = np.take_along_axis(np.broadcast_to(log_m, above.shape), j[..., None], axis=-1)[..., 0]
     log_m_next = np.take_along_axis(np.broadcast_to(log_m, above.shape), (j + 1)[..., None], axis=-1)[..., 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # Rows that are not interpolated (status 1 or 2) may divide by zero here; np.where drops them.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         fraction = (log_eps[..., 0] - log_m_j) / (log_m_next - log_m_j)
-    interpolated = np.exp(log_n[j] + fraction * (log_n[j + 1] - log_n[j]))
+        interpolated = np.exp(log_n[j] + fraction * (log_n[j + 1] - log_n[j]))
     status = np.where(last_above == -1, 1, np.where(last_above == num_sizes - 1, 2, 0))
     sizes = np.where(status == 1, np.exp(log_n[0]), np.where(status == 2, np.inf, interpolated))
     return sizes, status
@@ -203,9 +204,15 @@ class SampleComplexityCurve:
 
 
 def _percentile_band(draws: np.ndarray, ci: float) -> tuple[np.ndarray, np.ndarray]:
-    # Order statistics rather than interpolation: draws may be +inf, and inf − inf has no value.
+    """Percentile interval over the first axis, ignoring NaN draws (NaN where every draw is NaN).
+
+    Order statistics rather than interpolation: draws may be +inf, and inf − inf has no value.
+    """
     tail = (1.0 - ci) / 2.0
-    return np.quantile(draws, tail, axis=0, method="lower"), np.quantile(draws, 1.0 - tail, axis=0, method="higher")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: its NaN is the answer
+        return (np.nanquantile(draws, tail, axis=0, method="lower"),
+                np.nanquantile(draws, 1.0 - tail, axis=0, method="higher"))
 
 
 def _epsilons(epsilons) -> np.ndarray:
@@ -229,9 +236,9 @@ def sample_complexity_curve(
     _check_bootstrap(n_boot, ci)
     epsilons = _epsilons(epsilons)
     grid = _grid(table, value)
-    sizes, status = crossing_sizes(grid.sample_sizes, _reduce(grid.values, statistic), epsilons)
+    sizes, status = crossing_sizes(grid.sample_sizes, reduce_statistic(grid.values, statistic), epsilons)
     indices = _resample_indices(grid, n_boot, np.random.default_rng(seed))
-    draws, draw_status = crossing_sizes(grid.sample_sizes, _reduce(_draw(grid, indices), statistic), epsilons)
+    draws, draw_status = crossing_sizes(grid.sample_sizes, reduce_statistic(_draw(grid, indices), statistic), epsilons)
     lower, upper = _percentile_band(draws, ci)
     return SampleComplexityCurve(
         epsilon=epsilons,
@@ -311,7 +318,7 @@ class SlopeContrast:
 
 
 def _log_log_slopes(grid: _Grid, values: np.ndarray, statistic: Statistic) -> np.ndarray:
-    return ols(np.log(grid.sample_sizes), np.log(_reduce(values, statistic)))[0]
+    return ols(np.log(grid.sample_sizes), np.log(reduce_statistic(values, statistic)))[0]
 
 
 def slope_difference(
@@ -366,7 +373,8 @@ def sample_complexity_ratio(
     """n_B(ε)/n_A(ε) at each ε with a (paired) percentile bootstrap CI.
 
     Columns: ``epsilon``, ``n_a``, ``n_b``, ``ratio``, ``ratio_low``, ``ratio_high``, ``status_a``,
-    ``status_b``, ``paired``. A ratio is only a measurement where both statuses are
+    ``status_b``, ``defined`` (the fraction of bootstrap draws in which at least one arm reaches ε,
+    so that the ratio exists), ``paired``. A ratio is only a measurement where both statuses are
     ``interpolated``; elsewhere it is a bound (n_1 is an upper bound, +inf says "beyond the data"),
     and the statuses say which.
     """
@@ -375,15 +383,15 @@ def sample_complexity_ratio(
     epsilons = _epsilons(epsilons)
     grid_a, grid_b = _grid(table_a, value), _grid(table_b, value)
     paired, indices_a, indices_b = _paired_indices(grid_a, grid_b, paired, n_boot, seed)
-    n_a, status_a = crossing_sizes(grid_a.sample_sizes, _reduce(grid_a.values, statistic), epsilons)
-    n_b, status_b = crossing_sizes(grid_b.sample_sizes, _reduce(grid_b.values, statistic), epsilons)
-    draws_a, _ = crossing_sizes(grid_a.sample_sizes, _reduce(_draw(grid_a, indices_a), statistic), epsilons)
-    draws_b, _ = crossing_sizes(grid_b.sample_sizes, _reduce(_draw(grid_b, indices_b), statistic), epsilons)
+    n_a, status_a = crossing_sizes(grid_a.sample_sizes, reduce_statistic(grid_a.values, statistic), epsilons)
+    n_b, status_b = crossing_sizes(grid_b.sample_sizes, reduce_statistic(grid_b.values, statistic), epsilons)
+    draws_a, _ = crossing_sizes(grid_a.sample_sizes, reduce_statistic(_draw(grid_a, indices_a), statistic), epsilons)
+    draws_b, _ = crossing_sizes(grid_b.sample_sizes, reduce_statistic(_draw(grid_b, indices_b), statistic), epsilons)
     with np.errstate(invalid="ignore"):
         ratios = draws_b / draws_a
         ratio = n_b / n_a
-    # inf/inf has no value: a draw in which neither arm reaches ε says nothing about their ratio.
-    ratios = np.where(np.isnan(ratios), np.inf, ratios)
+    # inf/inf is NaN: a draw in which neither arm reaches ε says nothing about their ratio, so it is
+    # left out of the band, and ``defined`` says in how many draws the ratio exists.
     low, high = _percentile_band(ratios, ci)
     return pd.DataFrame(
         {
@@ -395,6 +403,7 @@ def sample_complexity_ratio(
             "ratio_high": high,
             "status_a": [STATUSES[s] for s in status_a],
             "status_b": [STATUSES[s] for s in status_b],
+            "defined": np.mean(~np.isnan(ratios), axis=0),
             "paired": paired,
         }
     )

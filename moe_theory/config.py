@@ -42,6 +42,17 @@ Conventions
 * **Theory.** ``rates.theory`` names a family of :func:`moe_theory.rates.theoretical_rate`'s
   registry; ``rates.compare`` pins explicit (setting, quantity) keys for given metrics.
 
+* **Arms.** A config may list ``arms:``, named variants of the study that compare two or more
+  models or fits (the sigmoid against the softmax gate, a fitted temperature against none). Each
+  arm overrides some of the base keys ``description``, ``model``, ``inputs``, ``fit``, ``metrics``
+  and ``rates``; mappings merge key by key, except a gate or expert spec, a parameter group
+  (``model.params.gate``) and ``inputs``, which an arm replaces whole. Arms share ``name``,
+  ``seed``, ``sample_sizes``, ``replicates`` and ``sweep``; an arm that sets one of them is an
+  error. Since the data keys depend on the seed, n and the replicate alone, arms with the same true
+  model and inputs see the same datasets (common random numbers), and their contrasts are
+  measured paired. The optional ``comparison:`` section says what to compare (see
+  :class:`ComparisonSettings`). :func:`load_config` then returns an :class:`ArmsStudy`.
+
 The resolved config (:meth:`StudyConfig.to_dict`) has every default filled in and the sample sizes
 expanded; loading it again gives an equal config, which is how ``--resume`` checks that a run is
 continued with the settings it started with.
@@ -70,17 +81,21 @@ from .fit.settings import EM_DEFAULTS, FIT_DEFAULTS, LIKELIHOODS, METHODS
 from .gates import GATES, Gate
 from .init import NearTruthNoise
 from .losses import EXPONENT_TABLES, TRANSLATIONS, atom_spec
+from .metrics import metric_specs
 from .models import Family, model_from_dict
 from .params import MoEParams, ParameterError
 from .rates import UnknownTheoreticalRateError, list_theoretical_rates, theoretical_rate
 from .sampling import GridInputs, InputDistribution, make_inputs
 
 __all__ = [
+    "ArmsStudy",
+    "ComparisonSettings",
     "ConfigError",
     "DensitySpec",
     "FitGroup",
     "FitSettings",
     "LossSpec",
+    "MetricSelector",
     "MetricsConfig",
     "RatesConfig",
     "StudyConfig",
@@ -485,16 +500,8 @@ class StudyConfig:
         return tuple(block.name for block in atom_spec(self.true_family).shared)
 
     def metric_columns(self, group: FitGroup) -> list[str]:
-        """Table columns a convergence rate can be fitted to, for one group (see :mod:`moe_theory.sweep`)."""
-        columns = [column for _, column, _ in self.metrics.loss_columns(self.is_exact(group))]
-        if self.metrics.density is not None:
-            columns += list(self.metrics.density.distances)
-        if self.metrics.parameter_errors:
-            for atom in range(self.num_true):
-                columns += [f"err_{block}_atom{atom}" for block in self.atom_blocks()]
-                columns.append(f"mass_err_atom{atom}")
-            columns += [f"err_{block}" for block in self.shared_blocks()]
-        return columns
+        """Table columns a convergence rate can be fitted to, for one group (see :mod:`moe_theory.metrics`)."""
+        return [spec.column for spec in metric_specs(self, group)]
 
     def to_dict(self) -> dict:
         """The resolved config as plain YAML-able data (defaults filled, sample sizes expanded)."""
@@ -837,10 +844,22 @@ def _name(ctx: _Context, value: Any, path: str) -> str:
 
 
 def parse_config(data: Any, source: str = "<dict>", lines: Mapping[str, int] | None = None,
-                 overridden: Sequence[str] = ()) -> StudyConfig:
-    """Validate parsed YAML data into a :class:`StudyConfig` (see the module docstring)."""
+                 overridden: Sequence[str] = ()) -> StudyConfig | ArmsStudy:
+    """Validate parsed YAML data into a :class:`StudyConfig`, or an :class:`ArmsStudy` when it
+    lists ``arms:`` (see the module docstring)."""
     ctx = _Context(source, lines, overridden)
     top = _mapping(ctx, data, "")
+    if "arms" in top:
+        _check_keys(ctx, top, "", _TOP_KEYS + ("arms", "comparison"))
+        return parse_arms(top, source, lines, overridden)
+    if "comparison" in top:
+        raise ctx.error("comparison", "a comparison needs arms: list the variants to compare under arms:")
+    return _parse_study(ctx, top)
+
+
+def _parse_study(ctx: _Context, top: dict) -> StudyConfig:
+    """One study (one arm) from its merged top-level mapping."""
+    source = ctx.source
     _check_keys(ctx, top, "", _TOP_KEYS, required=("name", "model", "sample_sizes", "replicates", "fit"))
     name = top["name"]
     if not isinstance(name, str) or not _NAME_PATTERN.match(name):
@@ -962,7 +981,7 @@ def apply_overrides(data: Any, overrides: Sequence[str]) -> tuple[dict, list[str
     return data, paths
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig | ArmsStudy:
     """Read, override and validate a YAML config. Raises :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
@@ -982,3 +1001,240 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:
 def select_columns(patterns: Sequence[str], columns: Sequence[str]) -> list[str]:
     """The columns matching any of the glob ``patterns``, in column order."""
     return [column for column in columns if any(fnmatch.fnmatchcase(column, p) for p in patterns)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Arms: several variants of one study, compared.
+
+ARM_KEYS = ("description", "model", "inputs", "fit", "metrics", "rates")
+"""Top-level keys an arm may override."""
+
+SHARED_KEYS = ("name", "seed", "sample_sizes", "replicates", "sweep")
+"""Keys every arm shares: an arm that sets one is refused."""
+
+_REPLACED_WHOLE = ("model.gate", "model.expert", "model.params.gate", "model.params.expert", "inputs")
+"""Paths an arm replaces whole rather than merging into: a gate spec, a parameter group and an
+input spec only make sense as a whole (another gate has other parameters)."""
+
+SELECTOR_KEYS = ("metric", "block", "atom", "translation")
+MAIN_LOSS = "main_loss"
+"""The default comparison metric: D1 for an exact fit (k = k*), D2 otherwise, at the config's translation."""
+
+
+@dataclass(frozen=True)
+class MetricSelector:
+    """Which rows of the long metrics table (:mod:`moe_theory.metrics`) to compare: a metric and,
+    where it has them, its block, atom and translation. ``metric = "main_loss"`` means each fit
+    group's headline loss."""
+
+    metric: str
+    block: str | None = None
+    atom: int | None = None
+    translation: str | None = None
+
+    def label(self) -> str:
+        parts = [self.metric] + [f"{key}={value}" for key, value in (("block", self.block), ("atom", self.atom),
+                                                                      ("translation", self.translation)) if value is not None]
+        return " ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class ComparisonSettings:
+    """What an arms study compares (the ``comparison:`` section).
+
+    Attributes:
+        metrics: the metrics to compare between arms (default: each group's main loss).
+        epsilons: targets ε of the sample-complexity curves n(ε); None chooses six spanning the
+            reference arm's smallest to largest per-n statistic.
+        statistic: ``mean``, ``median`` or a quantile level in (0, 1), over replicates at each n.
+        reference: the arm the others are compared with (default: the first arm).
+        n_boot, ci: bootstrap resamples and interval level of the contrasts and bands.
+    """
+
+    metrics: tuple[MetricSelector, ...] = (MetricSelector(MAIN_LOSS),)
+    epsilons: tuple[float, ...] | None = None
+    statistic: Any = "mean"
+    reference: str | None = None
+    n_boot: int = 1000
+    ci: float = 0.95
+
+    def to_dict(self) -> dict:
+        return {
+            "metrics": [selector.to_dict() for selector in self.metrics],
+            "epsilons": None if self.epsilons is None else list(self.epsilons),
+            "statistic": self.statistic,
+            "reference": self.reference,
+            "n_boot": self.n_boot,
+            "ci": self.ci,
+        }
+
+
+@dataclass(frozen=True)
+class ArmsStudy:
+    """A study of several arms: one :class:`StudyConfig` per arm, and what to compare."""
+
+    name: str
+    description: str
+    arms: tuple[tuple[str, StudyConfig], ...]
+    comparison: ComparisonSettings
+    data: dict = field(compare=False)
+    source: str = field(default="<dict>", compare=False)
+
+    @property
+    def arm_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.arms)
+
+    def arm(self, name: str) -> StudyConfig:
+        for arm_name, config in self.arms:
+            if arm_name == name:
+                return config
+        raise KeyError(f"no arm {name!r}; the arms are {list(self.arm_names)}")
+
+    @property
+    def reference(self) -> str:
+        return self.comparison.reference or self.arms[0][0]
+
+    def to_dict(self) -> dict:
+        """The config as plain data: the base keys, every arm's overrides and the comparison; each
+        arm's resolved config is written into its own run folder."""
+        return {**{key: value for key, value in self.data.items() if key not in ("arms", "comparison")},
+                "arms": self.data["arms"], "comparison": self.comparison.to_dict()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100, allow_unicode=True)
+
+
+class _ArmContext(_Context):
+    """Errors inside one arm name the arm's own key and line where the arm set the value, and the
+    base key (with the arm named) where the arm inherited it."""
+
+    def __init__(self, base: _Context, arm: str, arm_paths: set[str]):
+        super().__init__(base.source, base.lines, base.overridden)
+        self.arm, self.arm_paths = arm, arm_paths
+
+    def _set_by_arm(self, path: str) -> bool:
+        probe = path
+        while probe:
+            if probe in self.arm_paths:
+                return True
+            probe = _parent_path(probe)
+        return False
+
+    def error(self, path: str, message: str) -> ConfigError:
+        if self._set_by_arm(path):
+            where = f"arms.{self.arm}.{path}"
+            return super().error_text(where, f"{where}: {message}")
+        return super().error_text(path, f"{path or '<top level>'} (in arm {self.arm!r}): {message}")
+
+    def error_text(self, path: str, text: str) -> ConfigError:
+        if self._set_by_arm(path):
+            where = f"arms.{self.arm}.{path}"
+            return super().error_text(where, f"arms.{self.arm}.{text}" if text.startswith(path) else f"arm {self.arm!r}: {text}")
+        return super().error_text(path, f"arm {self.arm!r}: {text}")
+
+
+def _replaced_paths(overrides: Any, prefix: str = "") -> set[str]:
+    """The key paths whose values an arm's overrides replace (see :func:`_merge`): their leaves,
+    and the mappings replaced whole; a mapping merged key by key is not itself replaced."""
+    paths = set()
+    for key, value in overrides.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and path not in _REPLACED_WHOLE:
+            paths |= _replaced_paths(value, path)
+        else:
+            paths.add(path)
+    return paths
+
+
+def _merge(base: Any, override: Any, path: str = "") -> Any:
+    """``override`` merged into ``base``: mappings key by key (except :data:`_REPLACED_WHOLE`)."""
+    if isinstance(base, Mapping) and isinstance(override, Mapping) and path not in _REPLACED_WHOLE:
+        merged = copy.deepcopy(dict(base))
+        for key, value in override.items():
+            child = f"{path}.{key}" if path else str(key)
+            merged[key] = _merge(base[key], value, child) if key in base else copy.deepcopy(value)
+        return merged
+    return copy.deepcopy(override)
+
+
+def _parse_selector(ctx: _Context, raw: Any, path: str) -> MetricSelector:
+    if isinstance(raw, str):
+        raw = {"metric": raw}
+    raw = _mapping(ctx, raw, path)
+    _check_keys(ctx, raw, path, SELECTOR_KEYS, required=("metric",))
+    metric = _name(ctx, raw["metric"], f"{path}.metric")
+    block = None if raw.get("block") is None else _name(ctx, raw["block"], f"{path}.block")
+    atom = None if raw.get("atom") is None else _int(ctx, raw["atom"], f"{path}.atom", minimum=0)
+    translation = None if raw.get("translation") is None else _choice(ctx, raw["translation"], f"{path}.translation", TRANSLATIONS)
+    return MetricSelector(metric, block, atom, translation)
+
+
+def _parse_comparison(ctx: _Context, raw: Any, arm_names: Sequence[str]) -> ComparisonSettings:
+    section = _mapping(ctx, raw if raw is not None else {}, "comparison")
+    _check_keys(ctx, section, "comparison", ("metrics", "epsilons", "statistic", "reference", "n_boot", "ci"))
+    defaults = ComparisonSettings()
+    metrics = defaults.metrics
+    if section.get("metrics") is not None:
+        entries = section["metrics"] if isinstance(section["metrics"], list) else [section["metrics"]]
+        if not entries:
+            raise ctx.error("comparison.metrics", "expected at least one metric")
+        metrics = tuple(_parse_selector(ctx, entry, f"comparison.metrics[{i}]") for i, entry in enumerate(entries))
+    epsilons = None
+    if section.get("epsilons") is not None:
+        values = section["epsilons"] if isinstance(section["epsilons"], list) else [section["epsilons"]]
+        if not values:
+            raise ctx.error("comparison.epsilons", "expected at least one target ε > 0")
+        epsilons = tuple(sorted(_float(ctx, v, f"comparison.epsilons[{i}]", minimum=0, strict=True)
+                                for i, v in enumerate(values)))
+    statistic = section.get("statistic", defaults.statistic)
+    if statistic not in STATISTICS:
+        quantile = _float(ctx, statistic, "comparison.statistic", minimum=0, strict=True)
+        if quantile >= 1:
+            raise ctx.error("comparison.statistic", f"expected 'mean', 'median' or a quantile level in (0, 1), got {statistic!r}")
+        statistic = quantile
+    reference = section.get("reference")
+    if reference is not None and reference not in arm_names:
+        raise ctx.error("comparison.reference", f"expected one of the arms {list(arm_names)}, got {_describe(reference)}")
+    ci = _float(ctx, section.get("ci", defaults.ci), "comparison.ci", minimum=0, strict=True)
+    if ci >= 1:
+        raise ctx.error("comparison.ci", f"expected a level in (0, 1), got {ci!r}")
+    return ComparisonSettings(
+        metrics=metrics, epsilons=epsilons, statistic=statistic, reference=reference,
+        n_boot=_int(ctx, section.get("n_boot", defaults.n_boot), "comparison.n_boot", minimum=1), ci=ci,
+    )
+
+
+def parse_arms(data: Any, source: str = "<dict>", lines: Mapping[str, int] | None = None,
+               overridden: Sequence[str] = ()) -> ArmsStudy:
+    """Validate a config with ``arms:`` into an :class:`ArmsStudy` (see the module docstring)."""
+    ctx = _Context(source, lines, overridden)
+    top = _mapping(ctx, data, "")
+    arms_raw = _mapping(ctx, top["arms"], "arms")
+    if len(arms_raw) < 2:
+        raise ctx.error("arms", f"expected at least two named arms to compare, got {sorted(arms_raw)}")
+    base = {key: value for key, value in top.items() if key not in ("arms", "comparison")}
+    arms = []
+    for arm_name, overrides in arms_raw.items():
+        path = f"arms.{arm_name}"
+        if not isinstance(arm_name, str) or not _NAME_PATTERN.match(arm_name):
+            raise ctx.error(path, "expected a folder-safe arm name (letters, digits, '_', '-', '.')")
+        overrides = _mapping(ctx, overrides if overrides is not None else {}, path)
+        for key in overrides:
+            if key in SHARED_KEYS:
+                raise ctx.error(f"{path}.{key}", f"arms share {', '.join(SHARED_KEYS)}; set {key} at the top level")
+        _check_keys(ctx, overrides, path, ARM_KEYS)
+        arm_ctx = _ArmContext(ctx, arm_name, _replaced_paths(overrides))
+        arms.append((arm_name, _parse_study(arm_ctx, _merge(base, overrides))))
+    comparison = _parse_comparison(ctx, top.get("comparison"), [name for name, _ in arms])
+    for index, selector in enumerate(comparison.metrics):
+        if selector.metric == MAIN_LOSS:
+            continue
+        known = {spec.metric for _, config in arms for group in config.groups for spec in metric_specs(config, group)}
+        if selector.metric not in known:
+            raise ctx.error(f"comparison.metrics[{index}].metric",
+                            f"{selector.metric!r} is measured by no arm; the metrics are {sorted(known)}")
+    name, description = arms[0][1].name, top.get("description", "") or ""
+    return ArmsStudy(name, str(description).strip(), tuple(arms), comparison, copy.deepcopy(dict(top)), source)

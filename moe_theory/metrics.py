@@ -5,7 +5,7 @@
 reports, figures and cross-study comparisons instead select from ``metrics.parquet``, whose rows
 are
 
-    (arm, group, n, replicate, metric, block, atom, cell_size, translation, column, value)
+    (arm, group, n, replicate, metric, block, atom, cell_size, translation, column, value, finite, converged)
 
 * ``metric``: the score's kind: a loss name (``D1``, ``D2`` or a custom loss), ``error`` (the worst
   error of a parameter block over true atom j's Voronoi cell), ``mass_error`` (|cell mass − w*_j|),
@@ -16,7 +16,9 @@ are
 * ``cell_size``: |A_j| of that atom's Voronoi cell in this fit, else −1;
 * ``translation``: the softmax translation the score was measured at (``infimum``, ``mass``,
   ``none``), empty where none applies;
-* ``column``: the ``fits.parquet`` column the value comes from.
+* ``column``: the ``fits.parquet`` column the value comes from;
+* ``finite``, ``converged``: the fit's flags, so that a consumer can leave failed fits out, or count
+  them, without going back to ``fits.parquet``.
 
 The keys are produced from the study's config (:func:`metric_specs`), the same knowledge that named
 the columns, so nothing parses a column name back. The definitions of the scores are in
@@ -25,15 +27,13 @@ the columns, so nothing parses a column name back. The definitions of the scores
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:  # annotations only: the config module builds on this one's column names
-    from .config import FitGroup, StudyConfig
-
-LONG_COLUMNS = ("arm", "group", "n", "replicate", "metric", "block", "atom", "cell_size", "translation", "column", "value")
+LONG_COLUMNS = ("arm", "group", "n", "replicate", "metric", "block", "atom", "cell_size", "translation", "column", "value",
+                "finite", "converged")
 NO_ATOM = -1
 
 
@@ -67,8 +67,10 @@ def shared_error_column(block: str) -> str:
     return f"err_{block}"
 
 
-def metric_specs(config: StudyConfig, group: FitGroup) -> tuple[MetricSpec, ...]:
-    """Every score column a fit of ``group`` carries, with its keys (see the module docstring)."""
+def metric_specs(config, group) -> tuple[MetricSpec, ...]:
+    """Every score column a fit of ``group`` (a :class:`moe_theory.config.FitGroup`) of ``config`` (a
+    :class:`moe_theory.config.StudyConfig`, which builds on this module and so is not imported here)
+    carries, with its keys (see the module docstring)."""
     metrics = config.metrics
     specs = [
         MetricSpec(column, loss.name, translation=translation)
@@ -86,7 +88,7 @@ def metric_specs(config: StudyConfig, group: FitGroup) -> tuple[MetricSpec, ...]
     return tuple(specs)
 
 
-def long_table(config: StudyConfig, table: pd.DataFrame, arm: str = "") -> pd.DataFrame:
+def long_table(config, table: pd.DataFrame, arm: str = "") -> pd.DataFrame:
     """``fits.parquet`` of one run as the long metrics table (one row per fit and score).
 
     Fits whose estimator failed (``finite`` False) keep their rows, with whatever value the score
@@ -117,6 +119,8 @@ def long_table(config: StudyConfig, table: pd.DataFrame, arm: str = "") -> pd.Da
                 "translation": spec.translation,
                 "column": spec.column,
                 "value": rows[spec.column].to_numpy(dtype=np.float64),
+                "finite": rows["finite"].to_numpy(dtype=bool) if "finite" in rows else True,
+                "converged": rows["converged"].to_numpy(dtype=bool) if "converged" in rows else True,
             }))
     if not frames:
         return pd.DataFrame({column: pd.Series(dtype=object) for column in LONG_COLUMNS})

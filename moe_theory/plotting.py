@@ -24,6 +24,7 @@ state or interactive backend.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import storage
+from .comparison import series
+from .complexity import reduce_statistic
 from .config import FitGroup, StudyConfig
+from .rates import curvature
 from .report import load_run, rate_table, summarise
 
-__all__ = ["make_figures"]
+__all__ = ["comparison_figures", "make_figures"]
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
 _BLOCK_LABELS = {"beta1": r"$\beta_1$", "a": "$a$", "b": "$b$", "nu": r"$\nu$", "centre": "$c$", "covariance": r"$\Gamma$",
@@ -73,22 +77,31 @@ def _draw_curve(ax, rows: pd.DataFrame, rate: pd.Series | None, statistic: str, 
                 marker: str = "o") -> None:
     """Points with a bootstrap band, the fitted power law (dashed) and the theory slope (dotted).
 
-    One legend entry per curve: its name, the fitted law and the theory rate.
+    One legend entry per curve: its name, the fitted law and the theory rate. A curve the report
+    calls pre-asymptotic (its log-log slope steepens significantly across the measured range) is
+    drawn with hollow points joined by a thin line and no fitted or theory line: a straight line
+    through a bending curve would show a rate the data do not have.
     """
     n = rows["n"].to_numpy(dtype=float)
     values = rows[statistic].to_numpy(dtype=float)
     # Values at rounding level are zeros by construction (a cell mass matched by the translation).
     shown = values > _ZERO_FLOOR
+    fitted = rate is not None and math.isfinite(rate["slope"])
+    band = rows[["band_low", "band_high"]].to_numpy(dtype=float)
+    if np.isfinite(band).all() and (band > _ZERO_FLOOR).all():
+        ax.fill_between(n, band[:, 0], band[:, 1], color=color, alpha=0.18, linewidth=0)
+    if fitted and rate.get("shape") == "steepening":
+        label = f"{name}: pre-asymptotic (slope steepens by {float(rate['slope_change']):+.1f}); no rate"
+        ax.plot(n[shown], values[shown], marker=marker, linestyle=":", linewidth=0.8, color=color, markersize=4,
+                markerfacecolor="none", label=label)
+        return
     label = name
-    if rate is not None and math.isfinite(rate["slope"]):
+    if fitted:
         label += f": {_power_label(rate['intercept'], rate['slope'])}"
         if rate.get("theory_rate"):
             label += f", {_theory_label(rate['theory_rate'])}"
     ax.plot(n[shown], values[shown], marker=marker, linestyle="none", color=color, markersize=4, label=label)
-    band = rows[["band_low", "band_high"]].to_numpy(dtype=float)
-    if np.isfinite(band).all() and (band > _ZERO_FLOOR).all():
-        ax.fill_between(n, band[:, 0], band[:, 1], color=color, alpha=0.18, linewidth=0)
-    if rate is None or not math.isfinite(rate["slope"]):
+    if not fitted:
         return
     low, high = float(rate["n_min"]), float(rate["n_max"])
     grid = np.geomspace(low, high, 50)
@@ -251,6 +264,12 @@ def make_figures(run_dir: str | Path) -> list[Path]:
         "parameters": _parameters_figure(config, summary, rates),
         "convergence": _convergence_figure(config, summary),
     }
+    return _save(folder, figures)
+
+
+def _save(folder: Path, figures: dict[str, Figure | None]) -> list[Path]:
+    """Write each figure as PNG and PDF, atomically; return the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, figure in figures.items():
         if figure is None:
@@ -262,3 +281,159 @@ def make_figures(run_dir: str | Path) -> list[Path]:
             temporary.replace(path)
             paths.append(path)
     return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparisons between arms (:mod:`moe_theory.comparison`).
+
+
+def _panels(count: int, height: float, columns: int = 2) -> tuple[Figure, list]:
+    """A figure with ``count`` panels, at most ``columns`` per row; unused cells are hidden."""
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    figure = Figure(figsize=(6.4 * columns, height * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for unused in axes[count:]:
+        unused.set_visible(False)
+    return figure, list(axes[:count])
+
+
+def _curve_key(row) -> tuple[str, str]:
+    return row["arm"], row["group"]
+
+
+def _sample_complexity_figure(tables, settings) -> Figure | None:
+    """n(ε) against ε on log-log axes, one panel per metric, every arm on each panel.
+
+    Points are n(ε) read from the data (filled where interpolated; a hollow downward triangle at
+    the smallest n where the statistic is already ≤ ε there, a hollow upward one at the largest n
+    where ε is beyond the data), the
+    shaded band is the bootstrap interval, the dashed line the power law's n(ε) and the dotted line
+    the 1/log(n)^λ law's. A polynomial sample complexity is a straight line, an exponential one
+    bends upward. The grey band is the measured range of n: outside it the lines are extrapolations.
+    """
+    curves = tables.curves
+    if curves.empty:
+        return None
+    metrics = list(dict.fromkeys(curves["metric"]))
+    figure, axes = _panels(len(metrics), 4.8)
+    keys = list(dict.fromkeys(_curve_key(row) for _, row in curves.iterrows()))
+    colors = {key: _COLORS[index % len(_COLORS)] for index, key in enumerate(keys)}
+    for ax, metric in zip(axes, metrics):
+        rows_of_metric = curves[curves["metric"] == metric]
+        ax.axhspan(rows_of_metric["n_min"].min(), rows_of_metric["n_max"].max(), color="0.9", zorder=0)
+        for key in dict.fromkeys(_curve_key(row) for _, row in rows_of_metric.iterrows()):
+            rows = rows_of_metric[(rows_of_metric["arm"] == key[0]) & (rows_of_metric["group"] == key[1])].sort_values("epsilon")
+            color = colors[key]
+            eps = rows["epsilon"].to_numpy(float)
+            interpolated = (rows["status"] == "interpolated").to_numpy()
+            below = (rows["status"] == "at_or_below_smallest_n").to_numpy()
+            label = f"{key[0]} ({key[1]})" if len(set(curves["group"])) > 1 else key[0]
+            law = rows["preferred_law"].iloc[0]
+            if law:
+                label += f"; AIC prefers {'power law' if law == 'power' else '1/log(n)^λ'}"
+            beyond = (rows["status"] == "beyond_data").to_numpy()
+            ax.plot(eps[interpolated], rows["n"].to_numpy(float)[interpolated], "o", color=color, markersize=5, label=label)
+            ax.plot(eps[below], rows["n"].to_numpy(float)[below], "v", color=color, markersize=6, markerfacecolor="none")
+            ax.plot(eps[beyond], np.full(beyond.sum(), rows["n_max"].iloc[0]), "^", color=color, markersize=6,
+                    markerfacecolor="none")
+            low, high = rows["n_low"].to_numpy(float), rows["n_high"].to_numpy(float)
+            top = rows["n_max"].iloc[0] * 10
+            band = np.isfinite(low)
+            ax.fill_between(eps[band], low[band], np.minimum(high[band], top), color=color, alpha=0.15, linewidth=0)
+            grid = np.geomspace(eps.min(), eps.max(), 60)
+            for column, style in (("n_power_law", "--"), ("n_log_law", ":")):
+                values = rows[column].to_numpy(float)
+                finite = np.isfinite(values) & (values > 0)
+                if finite.sum() >= 2:
+                    # Both laws are straight lines in (log ε, log n) or (log ε, log log n): interpolate there.
+                    if column == "n_power_law":
+                        fitted = np.exp(np.interp(np.log(grid), np.log(eps[finite]), np.log(values[finite])))
+                    else:
+                        fitted = np.exp(np.exp(np.interp(np.log(grid), np.log(eps[finite]), np.log(np.log(values[finite])))))
+                    shown = fitted < top * 1e3
+                    ax.plot(grid[shown], fitted[shown], style, color=color, linewidth=1.2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        # The laws' n(ε) can run to absurd sizes far outside the data; show a few decades around it.
+        ax.set_ylim(rows_of_metric["n_min"].min() / 10, rows_of_metric["n_max"].max() * 1e3)
+        ax.invert_xaxis()
+        ax.grid(True, which="major", alpha=0.35)
+        ax.grid(True, which="minor", alpha=0.12)
+        ax.set_xlabel("target ε (smaller to the right)")
+        ax.set_ylabel(f"n(ε): samples until the {settings.statistic} stays ≤ ε")
+        ax.set_title(f"sample complexity of {metric}", fontsize=10)
+        ax.legend(fontsize=7.5, loc="upper left", title_fontsize=6.5,
+                  title="dashed: power law · dotted: 1/log(n)^λ · grey: measured n\n"
+                        "▽: already reached at the smallest n · △: not reached by the largest n")
+    return figure
+
+
+def _comparison_curves_figure(arms, tables, settings) -> Figure | None:
+    """Each compared metric against n for every arm: the per-n statistic with its bootstrap band
+    and the fitted power law over the measured range."""
+    contrasts = tables.contrasts
+    if contrasts.empty:
+        return None
+    metrics = list(dict.fromkeys(contrasts["metric"]))
+    figure, axes = _panels(len(metrics), 4.6)
+    by_label = {arm.label: arm for arm in arms}
+    selectors = {selector.label(): selector for selector in settings.metrics}
+    for ax, metric in zip(axes, metrics):
+        rows = contrasts[contrasts["metric"] == metric]
+        drawn = list(dict.fromkeys([(r.arm_a, r.group_a) for r in rows.itertuples()] + [(r.arm_b, r.group_b) for r in rows.itertuples()]))
+        for index, (label, group_label) in enumerate(drawn):
+            arm = by_label[label]
+            group = next(g for g in arm.config.groups if g.label == group_label)
+            found = series(arm, group, selectors[metric])
+            if found is None:
+                continue
+            table, _ = found
+            grid = table.pivot(index="n", columns="replicate", values="value").sort_index()
+            n = grid.index.to_numpy(float)
+            values = grid.to_numpy(float)
+            statistic = reduce_statistic(values, settings.statistic)
+            color = _COLORS[index % len(_COLORS)]
+            shown = np.isfinite(statistic) & (statistic > 0)
+            fit = np.polyfit(np.log(n[shown]), np.log(statistic[shown]), 1) if shown.sum() >= 2 else None
+            name = f"{label} ({group_label})" if len({g for _, g in drawn}) > 1 else label
+            steepening = _steepens(table, settings)
+            if steepening is not None:
+                # As in a run's own figures: no straight line through a curve still leaving a plateau.
+                fit = None
+                name += f": pre-asymptotic (slope steepens by {steepening:+.1f}); no rate"
+            elif fit is not None:
+                name += f": {_power_label(fit[1], fit[0])}"
+            ax.plot(n[shown], statistic[shown], "os^vD"[index % 5], color=color, markersize=4, label=name,
+                    markerfacecolor="none" if steepening is not None else color,
+                    linestyle=":" if steepening is not None else "none", linewidth=0.8)
+            quartiles = np.nanquantile(values, [0.25, 0.75], axis=1)
+            band = np.all(np.isfinite(quartiles), axis=0) & np.all(quartiles > _ZERO_FLOOR, axis=0)
+            ax.fill_between(n[band], quartiles[0][band], quartiles[1][band], color=color, alpha=0.15, linewidth=0)
+            if fit is not None:
+                line = np.geomspace(n[shown].min(), n[shown].max(), 50)
+                ax.plot(line, np.exp(fit[1] + fit[0] * np.log(line)), "--", color=color, linewidth=1.2)
+        _style(ax, f"{metric} against n", f"{metric}, {settings.statistic} over replicates")
+        ax.legend(fontsize=7.5, loc="best", title="dashed: power law over the measured n · shaded: quartiles",
+                  title_fontsize=6.5)
+    return figure
+
+
+def _steepens(table: pd.DataFrame, settings) -> float | None:
+    """The slope change of a series whose log-log curve steepens significantly (else None)."""
+    statistic = settings.statistic if settings.statistic in ("mean", "median") else "median"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # failed fits are counted in the tables
+            bend = curvature(table.dropna(subset=["value"]), "value", statistic, settings.n_boot, settings.ci)
+    except ValueError:
+        return None
+    return bend.slope_change if bend.shape == "steepening" else None
+
+
+def comparison_figures(out_dir: str | Path, arms, tables, settings) -> list[Path]:
+    """The figures of a comparison: ``sample_complexity`` and ``comparison`` (metric against n)."""
+    return _save(Path(out_dir) / storage.FIGURES_DIR, {
+        "sample_complexity": _sample_complexity_figure(tables, settings),
+        "comparison": _comparison_curves_figure(arms, tables, settings),
+    })

@@ -93,6 +93,8 @@ __all__ = [
     "fit_rate",
     "sliding_window_slopes",
     "asymptotic_slope",
+    "Curvature",
+    "curvature",
     "compare_power_vs_log",
     "sample_complexity",
     "theoretical_rate",
@@ -394,6 +396,66 @@ def asymptotic_slope(
     """The log-log slope over the window of the ``window`` largest distinct n."""
     slopes = sliding_window_slopes(table, value=value, window=window, statistic=statistic)
     return float(slopes["slope"].iloc[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Curvature:
+    """Bending of a log-log curve: log m = c + α x + γ (x − x̄)², x = log n.
+
+    Attributes:
+        gamma: the quadratic coefficient γ̂; the local slope changes by ``slope_change`` =
+            2γ̂ (x_max − x_min) from the smallest to the largest n.
+        ci_low, ci_high: percentile-bootstrap interval of ``slope_change`` (replicates resampled
+            within each n, as for the slope).
+        shape: ``"straight"`` unless the interval excludes 0 and the change exceeds ``tolerance``;
+            then ``"steepening"`` (the curve falls faster at large n: it is still leaving a
+            pre-asymptotic plateau) or ``"flattening"`` (it falls slower: a floor, or a rate slower
+            than any polynomial).
+    """
+
+    gamma: float
+    slope_change: float
+    ci_low: float
+    ci_high: float
+    shape: str
+
+
+def curvature(
+    table: pd.DataFrame,
+    value: str = "value",
+    statistic: Statistic = "mean",
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    tolerance: float = 0.1,
+) -> Curvature:
+    """Whether the log-log curve of the per-n statistic bends (see :class:`Curvature`).
+
+    A straight line is what a power law predicts, so a bend says the measured range is not (yet) in
+    one power-law regime. Needs at least 4 distinct n.
+    """
+    data = _prepare(table, value, statistic)
+    if data.sample_sizes.size < 4:
+        raise ValueError(f"curvature needs at least 4 distinct n, got {data.sample_sizes.size}")
+    log_sizes = np.log(data.sample_sizes)
+    centred = log_sizes - log_sizes.mean()
+    design = np.stack([np.ones_like(centred), centred, centred**2], axis=1)
+    projection = np.linalg.pinv(design)[2]  # row giving γ̂ from the responses
+    span = 2.0 * (log_sizes.max() - log_sizes.min())
+    gamma = float(projection @ np.log(data.statistic_values))
+    rng = np.random.default_rng(seed)
+    reduce = _REDUCERS[statistic]
+    boot = np.empty((n_boot, data.sample_sizes.size))
+    for column, replicate_values in enumerate(data.values_by_size):
+        draws = rng.integers(0, replicate_values.size, size=(n_boot, replicate_values.size))
+        boot[:, column] = np.log(reduce(replicate_values[draws], axis=1))
+    tail = (1.0 - ci) / 2.0
+    low, high = np.quantile(span * (boot @ projection), [tail, 1.0 - tail])
+    change = span * gamma
+    shape = "straight"
+    if (low > 0 or high < 0) and abs(change) > tolerance:
+        shape = "flattening" if change > 0 else "steepening"
+    return Curvature(gamma, float(change), float(low), float(high), shape)
 
 
 # ---------------------------------------------------------------------------------------------

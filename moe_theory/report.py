@@ -19,17 +19,27 @@ standard deviation, median, quartiles and a percentile-bootstrap band for the ra
 
 **Rates** (``rates.csv``): per (fit group, metric) the log-log OLS slope of the per-n statistic with
 its percentile-bootstrap CI (:func:`moe_theory.rates.fit_rate`; only n ≥ ``rates.min_n``), the slope
-over the upper half of the n range (``tail_slope``, :func:`moe_theory.rates.asymptotic_slope`,
-which shows pre-asymptotic bending), the theoretical exponent and the verdict
+over the upper half of the n range (``tail_slope``, from ``tail_n_min`` on,
+:func:`moe_theory.rates.asymptotic_slope`), the bend of the log-log curve (``slope_change`` with
+its CI and ``shape``, :func:`moe_theory.rates.curvature`), the theoretical exponent and the verdict
 (:func:`moe_theory.rates.verdict`). The theory key is, in order: an entry of ``rates.compare`` that
 matches the metric and group; else, with ``rates.theory`` naming a registry family F,
 
 * ``D1`` (k = k*) → (F, exact, D1); ``D2`` (k > k*) → (F, overfit, D2);
 * ``hellinger`` / ``tv`` → (F, exact|overfit, ·), falling back to (density_moe, any, ·);
+(the metric's kind, block and atom come from :func:`moe_theory.metrics.metric_specs`, not from
+its column name)
+
 * ``err_<block>_atom<j>`` → (F, exact, block) when k = k*, else (F, overfit_cell<m>, block) with
   m the most frequent size of the Voronoi cell of true atom j in that group (the share of rows
   with that size is reported: a cell whose size varies mixes rates);
 * ``mass_err_atom<j>`` → (F, exact|overfit, cell_mass).
+
+A curve that **steepens** significantly across the range (it is still leaving a plateau, as an
+over-fitted loss does near its ceiling) gets no verdict: the slope of one straight line through it
+measures no rate, and its figure draws it with hollow points and no fitted line. A curve that
+flattens keeps its verdict, with the bend stated: that is what a floor, or a rate slower than any
+polynomial, looks like.
 
 A metric that is identically zero by construction (the reference expert's gate slope, fixed by the
 softmax convention) or has exact zeros (a cell mass the translation matches exactly) cannot be fitted
@@ -39,7 +49,6 @@ on a log scale and is listed as not fitted, with the reason.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 import zlib
 from pathlib import Path
@@ -50,9 +59,11 @@ import pandas as pd
 
 from . import storage
 from .config import FitGroup, StudyConfig, load_config, select_columns
+from .metrics import MetricSpec, cell_size_column, long_table, metric_specs
 from .rates import (
     UnknownTheoreticalRateError,
     asymptotic_slope,
+    curvature,
     fit_rate,
     theoretical_rate,
     verdict,
@@ -154,17 +165,8 @@ def _stable_seed(group: FitGroup, n: int, metric: str) -> int:
 # Theory keys.
 
 
-def _loss_name(config: StudyConfig, metric: str) -> tuple[str | None, str | None]:
-    """(loss name, translation) of a loss column, or (None, None) for other metrics."""
-    for loss in config.metrics.losses:
-        for column, translation in loss.columns(config.metrics.translation):
-            if column == metric:
-                return loss.name, translation
-    return None, None
-
-
 def _modal_cell_size(rows: pd.DataFrame, atom: int) -> tuple[int | None, float]:
-    column = f"cell_size_atom{atom}"
+    column = cell_size_column(atom)
     if column not in rows.columns:
         return None, math.nan
     sizes = rows.loc[rows["finite"].astype(bool), column]
@@ -174,47 +176,42 @@ def _modal_cell_size(rows: pd.DataFrame, atom: int) -> tuple[int | None, float]:
     return int(counts.index[0]), float(counts.iloc[0] / counts.sum())
 
 
-def _theory_key(config: StudyConfig, group: FitGroup, metric: str, rows: pd.DataFrame) -> tuple[tuple[str, str, str] | None, dict]:
-    """The registry key to compare ``metric`` of ``group`` with, and facts about the choice."""
+def _theory_key(config: StudyConfig, group: FitGroup, spec: MetricSpec, rows: pd.DataFrame) -> tuple[tuple[str, str, str] | None, dict]:
+    """The registry key to compare the metric ``spec`` of ``group`` with, and facts about the choice."""
     facts: dict[str, Any] = {}
     for comparison in config.rates.compare:
-        if select_columns([comparison.metric], [metric]) and comparison.num_experts in (None, group.num_experts):
+        if select_columns([comparison.metric], [spec.column]) and comparison.num_experts in (None, group.num_experts):
             return (comparison.family, comparison.setting, comparison.quantity), facts
     family = config.rates.theory
     if family is None:
         return None, facts
     exact = config.is_exact(group)
     setting = "exact" if exact else "overfit"
-    loss, translation = _loss_name(config, metric)
-    if loss is not None:
-        if translation != "infimum":
+    if spec.metric in {loss.name for loss in config.metrics.losses}:
+        if spec.translation != "infimum":
             # The theorems bound the loss minimised over translations; other variants are diagnostics.
             return None, facts
-        if (loss, exact) in (("D1", True), ("D2", False)):
-            return _first_known((family, setting, loss), (family, "any", "D")), facts
+        if (spec.metric, exact) in (("D1", True), ("D2", False)):
+            return _first_known((family, setting, spec.metric), (family, "any", "D")), facts
         return None, facts
-    if metric in ("hellinger", "tv"):
-        for key in ((family, setting, metric), ("density_moe", "any", metric)):
+    if spec.metric in ("hellinger", "tv"):
+        for key in ((family, setting, spec.metric), ("density_moe", "any", spec.metric)):
             if _known(key):
                 return key, facts
         return None, facts
-    match = re.fullmatch(r"err_(.+)_atom(\d+)", metric)
-    if match:
-        block, atom = match.group(1), int(match.group(2))
-        size, share = _modal_cell_size(rows, atom)
+    if spec.metric == "error":
+        size, share = _modal_cell_size(rows, spec.atom)
         facts.update(cell_size=size, cell_size_share=share)
-        specific = (family, "exact", block) if exact else (family, f"overfit_cell{size}", block)
+        specific = (family, "exact", spec.block) if exact else (family, f"overfit_cell{size}", spec.block)
         # Families whose theorem states one rate per parameter group (papers 3, 4, 6, 7) list it
         # under setting "any": gate parameters (τ included), expert parameters, or all parameters.
-        group_name = "gate_parameters" if block in _gate_blocks(config) else "expert_parameters"
-        key = _first_known(specific, (family, "any", block), (family, "any", group_name), (family, "any", "parameters"))
+        group_name = "gate_parameters" if spec.block in _gate_blocks(config) else "expert_parameters"
+        key = _first_known(specific, (family, "any", spec.block), (family, "any", group_name), (family, "any", "parameters"))
         return key or specific, facts
-    shared = re.fullmatch(r"err_(.+)", metric)
-    if shared and shared.group(1) in config.shared_blocks():
+    if spec.metric == "shared_error":
         # A shared gate parameter such as the temperature τ [3]: only group-wide rates apply.
-        block = shared.group(1)
-        return _first_known((family, "any", block), (family, "any", "gate_parameters"), (family, "any", "parameters")), facts
-    if re.fullmatch(r"mass_err_atom\d+", metric):
+        return _first_known((family, "any", spec.block), (family, "any", "gate_parameters"), (family, "any", "parameters")), facts
+    if spec.metric == "mass_error":
         return (family, setting, "cell_mass"), facts
     return None, facts
 
@@ -239,19 +236,20 @@ def rate_table(config: StudyConfig, table: pd.DataFrame) -> pd.DataFrame:
     """Per (group, metric) fitted slope, CI, theory and verdict (see the module docstring)."""
     records = []
     for group, rows in _group_rows(config, table):
-        metrics = config.metric_columns(group)
+        specs = {spec.column: spec for spec in metric_specs(config, group)}
+        metrics = list(specs)
         if config.rates.metrics is not None:
             metrics = select_columns(config.rates.metrics, metrics)
-        records += [_rate_record(config, group, metric, rows) for metric in metrics if metric in rows.columns]
+        records += [_rate_record(config, group, specs[metric], rows) for metric in metrics if metric in rows.columns]
     return pd.DataFrame.from_records(records)
 
 
-def _rate_record(config: StudyConfig, group: FitGroup, metric: str, rows: pd.DataFrame) -> dict[str, Any]:
+def _rate_record(config: StudyConfig, group: FitGroup, spec: MetricSpec, rows: pd.DataFrame) -> dict[str, Any]:
     """One row of ``rates.csv``: the fit of one metric of one group, its theory and verdict."""
-    rates = config.rates
+    rates, metric = config.rates, spec.column
     finite_fit = rows["finite"].astype(bool)
     used = rows.loc[finite_fit & (rows["n"] >= rates.min_n), ["n", "replicate", metric]]
-    key, facts = _theory_key(config, group, metric, rows)
+    key, facts = _theory_key(config, group, spec, rows)
     theory = None
     if key is not None:
         try:
@@ -267,7 +265,9 @@ def _rate_record(config: StudyConfig, group: FitGroup, metric: str, rows: pd.Dat
         "excluded_nonfinite_fit": int((~finite_fit).sum()),
         "excluded_below_min_n": int((rows["n"] < rates.min_n).sum()),
         "slope": math.nan, "intercept": math.nan, "ci_low": math.nan, "ci_high": math.nan, "ci_level": rates.ci,
-        "constant": math.nan, "r_squared": math.nan, "tail_slope": math.nan, "label": "",
+        "constant": math.nan, "r_squared": math.nan, "tail_slope": math.nan, "tail_n_min": math.nan,
+        "slope_change": math.nan, "slope_change_ci_low": math.nan, "slope_change_ci_high": math.nan, "shape": "",
+        "label": "",
         "theory_key": "/".join(key) if key else "",
         "theory_exponent": math.nan if theory is None or theory.exponent is None else theory.exponent,
         "theory_rate": theory.rate_label() if theory is not None else "",
@@ -286,6 +286,10 @@ def _rate_record(config: StudyConfig, group: FitGroup, metric: str, rows: pd.Dat
             if len(fitted.n_values) >= 4:
                 window = max(3, math.ceil(len(fitted.n_values) / 2))
                 record["tail_slope"] = asymptotic_slope(used, metric, window, rates.statistic)
+                record["tail_n_min"] = fitted.n_values[-window]
+                bend = curvature(used, metric, rates.statistic, rates.n_boot, rates.ci, seed=0, tolerance=rates.tolerance)
+                record.update(slope_change=bend.slope_change, slope_change_ci_low=bend.ci_low,
+                              slope_change_ci_high=bend.ci_high, shape=bend.shape)
     except ValueError as error:
         record["verdict"] = f"not fitted: {_short_reason(error)}"
         return record
@@ -296,6 +300,14 @@ def _rate_record(config: StudyConfig, group: FitGroup, metric: str, rows: pd.Dat
     record.update(slope=fitted.slope, intercept=fitted.intercept, ci_low=fitted.ci_low, ci_high=fitted.ci_high,
                   constant=constant, r_squared=fitted.r_squared, label=label, nonfinite_values=fitted.n_nonfinite)
     record["verdict"] = "no theory entry" if theory is None else verdict(fitted, theory, rates.tolerance)
+    bend = (f"{record['slope_change']:+.2f} [{record['slope_change_ci_low']:+.2f}, {record['slope_change_ci_high']:+.2f}]"
+            if record["shape"] in ("steepening", "flattening") else "")
+    if record["shape"] == "steepening":
+        # Still leaving a plateau: one straight line through the range measures no rate.
+        record["verdict"] = (f"pre-asymptotic: the slope steepens by {bend} from the smallest to the largest n; "
+                             "no verdict")
+    elif record["shape"] == "flattening":
+        record["verdict"] += f"; the slope flattens by {bend} across the range (see power law vs 1/log n)"
     return record
 
 
@@ -313,9 +325,15 @@ def _short_reason(error: Exception) -> str:
 
 
 def write_tables(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Recompute ``summary.csv`` and ``rates.csv`` of a run folder from its table."""
+    """Recompute ``metrics.parquet``, ``summary.csv`` and ``rates.csv`` of a run folder from its table.
+
+    The long metrics table names its arm after the folder when the run is one arm of an arms study
+    (``<arms run>/arms/<arm>/``), and leaves the arm empty otherwise.
+    """
     run_dir = Path(run_dir)
     config, table = load_run(run_dir)
+    arm = run_dir.name if run_dir.parent.name == "arms" else ""
+    storage.write_frame(run_dir / storage.METRICS_FILE, long_table(config, table, arm=arm))
     summary, rates = summarise(config, table), rate_table(config, table)
     storage.write_frame(run_dir / storage.SUMMARY_FILE, summary)
     storage.write_frame(run_dir / storage.RATES_FILE, rates)
@@ -410,8 +428,10 @@ def write_report(run_dir: str | Path) -> Path:
 
     lines += ["## Measured rates", ""]
     if len(rates):
-        main = rates[~rates["metric"].str.startswith(("err_", "mass_err_"))]
-        parameters = rates[rates["metric"].str.startswith(("err_", "mass_err_"))]
+        per_atom = {spec.column for group in config.groups for spec in metric_specs(config, group)
+                    if spec.metric in ("error", "mass_error", "shared_error")}
+        main = rates[~rates["metric"].isin(per_atom)]
+        parameters = rates[rates["metric"].isin(per_atom)]
         if len(main):
             lines += [_markdown_table(rates_for_display(main)), ""]
         if len(parameters):
@@ -462,10 +482,92 @@ def write_report(run_dir: str | Path) -> Path:
     if totals:
         lines.append(
             f"- Wall {totals.get('wall_seconds', 0):.0f} s over {totals.get('sessions', 1)} session(s), of which "
-            f"{totals.get('compile_seconds', 0):.0f} s compiling {totals.get('compile_count', 0)} program(s)."
+            f"{totals.get('compile_seconds', 0):.0f} s compiling {totals.get('compile_count', 0)} program(s) "
+            f"({totals.get('compile_wait_seconds', 0):.0f} s of the wall time spent waiting for them)."
         )
     lines.append(f"- Rerun: `moe-theory run {run_dir / storage.CONFIG_FILE}`; redraw: `moe-theory plot {run_dir}`.")
     lines.append("")
     path = run_dir / storage.REPORT_FILE
     storage.write_text(path, "\n".join(lines))
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparisons: an arms study, or separate runs compared by ``moe-theory compare``.
+
+
+def _shown_path(path: Path, out_dir: Path) -> str:
+    """``path`` relative to the report's folder where it lies inside it (an arm of an arms run)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(out_dir).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _arm_lines(arms, out_dir: Path) -> list[str]:
+    """One row per arm: what it fits, how many fits converged, and its compute time."""
+    lines = ["| arm | model | fitted k | fits | converged | finite | wall time | run |", "|---|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        config = arm.config
+        table = storage.read_table(arm.run_dir) if arm.run_dir is not None else None
+        converged = f"{table['converged'].mean():.1%}" if table is not None else "—"
+        finite = f"{table['finite'].mean():.1%}" if table is not None else "—"
+        count = len(table) if table is not None else 0
+        meta = storage.read_meta(arm.run_dir) if arm.run_dir is not None else {}
+        totals = meta.get("totals", {})
+        wall = f"{totals.get('wall_seconds', 0):.0f} s" if totals else "—"
+        ks = ", ".join(str(k) for k in config.fit.num_experts)
+        run = f"`{_shown_path(arm.run_dir, out_dir)}`" if arm.run_dir is not None else ""
+        lines.append(f"| {arm.label} | {config.true_family.gate.name} gate × {config.true_family.expert.name}, "
+                     f"k* = {config.num_true} | {ks} | {count} | {converged} | {finite} | {wall} | {run} |")
+    return lines + [""]
+
+
+def _arm_rate_lines(arms) -> list[str]:
+    """Each arm's fitted rates of its main metrics (its own rates.csv), with theory and verdict."""
+    lines = ["| arm | group | metric | slope [CI] | tail slope | theory | verdict |", "|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        path = None if arm.run_dir is None else arm.run_dir / storage.RATES_FILE
+        if path is None or not path.is_file():
+            continue
+        rates = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        specs = {spec.column: spec for group in arm.config.groups for spec in metric_specs(arm.config, group)}
+        for row in rates.itertuples():
+            spec = specs.get(row.metric)
+            if spec is None or spec.metric in ("error", "mass_error"):
+                continue
+            lines.append(f"| {arm.label} | {row.group} | {row.metric} | {_fmt(row.slope)} [{_fmt(row.ci_low)}, {_fmt(row.ci_high)}] | "
+                         f"{_fmt(row.tail_slope)} | {row.theory_rate if isinstance(row.theory_rate, str) else ''} | "
+                         f"{row.verdict if isinstance(row.verdict, str) else ''} |")
+    return lines + [""]
+
+
+def comparison_report(title: str, preamble: list[str], arms, tables, settings, figures: list[Path],
+                      out_dir: Path) -> Path:
+    """Write ``report.md`` of a comparison: the arms, the figures, the contrasts and each arm's rates."""
+    from .comparison import report_lines
+
+    lines = [f"# {title}", "", *preamble, "## Arms", "", *_arm_lines(arms, out_dir)]
+    lines += ["## Comparison", ""]
+    for figure in figures:
+        if figure.suffix == ".png":
+            lines += [f"![{figure.stem}]({figure.relative_to(out_dir)})", ""]
+    lines += report_lines(tables, settings)
+    lines += ["## Each arm's rates", "", *_arm_rate_lines(arms)]
+    path = out_dir / storage.REPORT_FILE
+    storage.write_text(path, "\n".join(lines))
+    return path
+
+
+def write_arms_report(run_dir: Path, study, arms, tables, figures: list[Path]) -> Path:
+    """``report.md`` of an arms run (:mod:`moe_theory.arms`)."""
+    meta = storage.read_meta(run_dir)
+    preamble = [study.description, ""] if study.description else []
+    preamble += [f"Run `{run_dir.name}` · arms {', '.join(study.arm_names)} (reference `{study.reference}`) · "
+                 "generated from the arms' tables by `moe-theory report`.", ""]
+    sessions = meta.get("sessions", [])
+    wall = sum(session.get("wall_seconds", 0) for session in sessions)
+    if wall:
+        preamble += [f"Compute: {wall:.0f} s wall over {len(sessions)} session(s), every arm included.", ""]
+    return comparison_report(f"{study.name}: {' vs '.join(study.arm_names)}", preamble, arms, tables,
+                             study.comparison, figures, Path(run_dir))

@@ -5,6 +5,7 @@ Layout of one run, ``results/<name>/<run_id>/``::
     config.yaml     the resolved config (defaults filled, sample sizes expanded)
     meta.json       versions, device, dtype, git commit, timings and compile counts, one entry per session
     fits.parquet    one row per (fit group, n, replicate): losses, parameter errors, log-lik, flags
+    metrics.parquet the same scores as one row per (fit, score), keyed by what they measure
     summary.csv     per (group, n, metric): counts, exclusions, mean / median / sd, bootstrap band
     rates.csv       per (group, metric): slope, bootstrap CI, theory exponent and verdict
     figures/        PNG and PDF
@@ -40,6 +41,7 @@ import pandas as pd
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 TABLE_FILE = "fits.parquet"
+METRICS_FILE = "metrics.parquet"
 SUMMARY_FILE = "summary.csv"
 RATES_FILE = "rates.csv"
 REPORT_FILE = "report.md"

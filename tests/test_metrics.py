@@ -21,7 +21,8 @@ def config():
 @pytest.fixture(scope="module")
 def temperature_config():
     # A shared parameter: the fitted temperature τ.
-    return load_config(CONFIGS / "paper3_temperature.yaml", ["fit.num_experts=[2, 3]"])
+    study = load_config(CONFIGS / "paper3_temperature_vs_activation.yaml", ["fit.num_experts=[2, 3]"])
+    return study.arm("temperature")
 
 
 def wide_table(config, seed=0):
@@ -29,7 +30,8 @@ def wide_table(config, seed=0):
     rng = np.random.default_rng(seed)
     frames = []
     for group in config.groups:
-        rows = {"group": group.label, "n": np.repeat([100, 200], 3), "replicate": np.tile([0, 1, 2], 2)}
+        rows = {"group": group.label, "n": np.repeat([100, 200], 3), "replicate": np.tile([0, 1, 2], 2),
+                "finite": [True, True, False] * 2, "converged": [True, False, False] * 2}
         for column in config.metric_columns(group):
             rows[column] = rng.uniform(0.1, 1.0, 6)
         for atom in range(config.num_true):
@@ -54,6 +56,7 @@ def test_every_value_and_key_comes_from_its_wide_cell(config, temperature_config
     for row in long.itertuples():
         source = wide.loc[(row.group, row.n, row.replicate)]
         assert row.value == source[row.column]
+        assert (row.finite, row.converged) == (source["finite"], source["converged"])
         if row.atom >= 0:
             assert row.cell_size == source[metrics.cell_size_column(row.atom)]
     # Keys as data: a parameter error of β₁ in atom 1's cell, the shared τ, a loss's translation.

@@ -372,3 +372,32 @@ def test_verdict_accepts_registry_entries(fit_with_interval):
     ) == "no polynomial rate predicted"
     with pytest.raises(ValueError, match="tolerance must be"):
         verdict(fit_with_interval, -0.5, tolerance=-0.1)
+
+
+def _table_from_curve(sizes, curve, replicates=6, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [{"n": n, "replicate": r, "value": m * np.exp(noise * rng.normal())}
+            for n, m in zip(sizes, curve) for r in range(replicates)]
+    return pd.DataFrame(rows)
+
+
+def test_curvature_matches_a_quadratic_polyfit_and_flags_only_real_bends():
+    from moe_theory.rates import curvature
+
+    sizes = np.geomspace(500, 5e4, 7)
+    x = np.log(sizes)
+    # A plateau that the curve is still leaving: log m = −0.1 x − 0.3 (x − x̄)².
+    bending = np.exp(-0.1 * x - 0.3 * (x - x.mean()) ** 2)
+    table = _table_from_curve(sizes, bending, noise=0.05)
+    result = curvature(table, n_boot=300)
+    per_n = table.groupby("n")["value"].mean().to_numpy()
+    gamma_oracle = np.polyfit(x - x.mean(), np.log(per_n), 2)[0]
+    assert result.gamma == pytest.approx(gamma_oracle, rel=1e-10)
+    assert result.slope_change == pytest.approx(2 * gamma_oracle * (x.max() - x.min()), rel=1e-10)
+    assert result.shape == "steepening" and result.ci_high < 0
+    # A power law with the same noise is straight; a 1/log(n) decay flattens.
+    assert curvature(_table_from_curve(sizes, 3 * sizes**-0.5, noise=0.05), n_boot=300).shape == "straight"
+    assert curvature(_table_from_curve(sizes, 1 / np.log(sizes) ** 3, noise=0.01), n_boot=300,
+                     tolerance=0.05).shape == "flattening"
+    with pytest.raises(ValueError, match="at least 4 distinct n"):
+        curvature(_table_from_curve(sizes[:3], bending[:3]))

@@ -12,6 +12,7 @@ import pytest
 import moe_theory as mt
 from moe_theory import report, storage, sweep
 from moe_theory.config import load_config
+from moe_theory.metrics import metric_specs
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
@@ -173,8 +174,8 @@ def test_summaries_keep_and_count_nonfinite_fits(smoke):
 
 def test_parameter_groups_fall_back_to_the_registrys_any_setting(tmp_path):
     """Families whose theorem gives one rate per parameter group ([3]) are matched without rates.compare."""
-    source = Path(__file__).resolve().parents[1] / "configs" / "paper3_activation.yaml"
-    config = load_config(source, ["rates.compare=[]"])
+    source = Path(__file__).resolve().parents[1] / "configs" / "paper3_temperature_vs_activation.yaml"
+    config = load_config(source, ["arms.activation.rates.compare=[]"]).arm("activation")
     (group,) = config.groups
     rows = pd.DataFrame({"finite": [True, True], "cell_size_atom0": [1, 1], "cell_size_atom1": [1, 1]})
     family = "activation_temperature_softmax_gaussian"
@@ -184,10 +185,12 @@ def test_parameter_groups_fall_back_to_the_registrys_any_setting(tmp_path):
         "err_a_atom1": (family, "any", "expert_parameters"),
         "hellinger": ("density_moe", "any", "hellinger"),
     }
+    specs = {spec.column: spec for spec in metric_specs(config, group)}
     for metric, key in expected.items():
-        assert report._theory_key(config, group, metric, rows)[0] == key, metric
-    temperature = load_config(source, ["rates.compare=[]", "rates.theory=temperature_softmax_gaussian"])
-    assert report._theory_key(temperature, group, "err_nu_atom0", rows)[0] == (
+        assert report._theory_key(config, group, specs[metric], rows)[0] == key, metric
+    temperature = load_config(source, ["arms.activation.rates.compare=[]",
+                                       "arms.activation.rates.theory=temperature_softmax_gaussian"]).arm("activation")
+    assert report._theory_key(temperature, group, specs["err_nu_atom0"], rows)[0] == (
         "temperature_softmax_gaussian", "any", "parameters")
 
 
