@@ -12,7 +12,10 @@ reference arm A, on fit groups matched by label (or the one group of each arm):
 * **rate contrast**: the log-log slopes α̂_A, α̂_B of the per-n statistic and Δ = α̂_B − α̂_A with
   a percentile bootstrap CI, paired when the arms saw the same datasets (same true model, inputs
   and seed: common random numbers), independent otherwise (:func:`moe_theory.complexity.slope_difference`);
-* **laws**: power law against 1/log(n)^λ for each arm by AIC (:func:`moe_theory.rates.compare_power_vs_log`);
+* **laws**: power law against 1/log(n)^λ for each arm by AIC (:func:`moe_theory.rates.compare_power_vs_log`),
+  and the curvature test (:func:`moe_theory.rates.curvature`): a contrast involving a curve that
+  still steepens across the range compares the approach to the asymptotic regime, not rates, and
+  its verdict says so;
 * **sample complexity**: n(ε) read from the data with a bootstrap band, and from both fitted laws,
   at targets ε (given, or six spanning the reference arm's measured levels), and the ratio n_B(ε)/n_A(ε)
   with its CI; a ratio whose ε lies outside either arm's data is labelled so, never extrapolated.
@@ -36,7 +39,7 @@ import pandas as pd
 from . import complexity, storage
 from .config import MAIN_LOSS, ComparisonSettings, FitGroup, MetricSelector, StudyConfig
 from .metrics import select
-from .rates import compare_power_vs_log
+from .rates import Curvature, compare_power_vs_log, curvature
 
 CONTRASTS_FILE = "contrasts.csv"
 COMPLEXITY_FILE = "sample_complexity.csv"
@@ -149,6 +152,17 @@ def default_epsilons(reference: pd.DataFrame, statistic, count: int = NUM_DEFAUL
     return np.geomspace(low, high, count) if low < high else np.array([low])
 
 
+def bend(table: pd.DataFrame, settings: ComparisonSettings) -> Curvature | None:
+    """The curvature test of one series (:func:`moe_theory.rates.curvature`), None below 4 sizes."""
+    statistic = settings.statistic if settings.statistic in ("mean", "median") else "median"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # failed fits are counted by the caller
+            return curvature(table.dropna(subset=["value"]), "value", statistic, settings.n_boot, settings.ci)
+    except ValueError:
+        return None
+
+
 def _laws(table: pd.DataFrame, statistic) -> dict[str, Any]:
     """Power law and 1/log(n)^λ fitted to one series, or NaNs when it cannot be fitted."""
     law_statistic = statistic if statistic in ("mean", "median") else "median"
@@ -206,11 +220,19 @@ def compare_arms(arms: list[Arm], settings: ComparisonSettings, reference: str |
                         curves.append(_curve_frame(arm, group, selector, table, epsilons, settings, laws[arm.label]))
                 record = {**identity, "failed_a": int(table_a["value"].isna().sum()),
                           "failed_b": int(table_b["value"].isna().sum())}
+                shapes = {arm.label: bend(table, settings) for arm, table in ((reference_arm, table_a), (other, table_b))}
+                record.update(shape_a=getattr(shapes[reference_arm.label], "shape", ""),
+                              shape_b=getattr(shapes[other.label], "shape", ""))
+                steepening = [label for label, shape in shapes.items() if shape is not None and shape.shape == "steepening"]
                 try:
                     contrast = complexity.slope_difference(table_a, table_b, "value", statistic, n_boot, ci, paired=paired)
+                    verdict = contrast.verdict(reference_arm.label, other.label)
+                    if steepening:
+                        # A curve still leaving its plateau has no rate yet: its slope measures the approach.
+                        verdict = (f"pre-asymptotic ({' and '.join(steepening)} still steepening), so this compares "
+                                   f"approaches, not rates: {verdict}")
                     record.update(slope_a=contrast.slope_a, slope_b=contrast.slope_b, difference=contrast.difference,
-                                  ci_low=contrast.ci_low, ci_high=contrast.ci_high,
-                                  verdict=contrast.verdict(reference_arm.label, other.label))
+                                  ci_low=contrast.ci_low, ci_high=contrast.ci_high, verdict=verdict)
                 except ValueError as error:
                     record.update(slope_a=math.nan, slope_b=math.nan, difference=math.nan, ci_low=math.nan,
                                   ci_high=math.nan, verdict=f"not fitted: {str(error).split(';')[0]}")

@@ -24,7 +24,6 @@ state or interactive backend.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +31,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import storage
-from .comparison import series
+from .comparison import bend, series
 from .complexity import reduce_statistic
 from .config import FitGroup, StudyConfig
-from .rates import curvature
 from .report import load_run, rate_table, summarise
 
 __all__ = ["comparison_figures", "make_figures"]
@@ -421,14 +419,8 @@ def _comparison_curves_figure(arms, tables, settings) -> Figure | None:
 
 def _steepens(table: pd.DataFrame, settings) -> float | None:
     """The slope change of a series whose log-log curve steepens significantly (else None)."""
-    statistic = settings.statistic if settings.statistic in ("mean", "median") else "median"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # failed fits are counted in the tables
-            bend = curvature(table.dropna(subset=["value"]), "value", statistic, settings.n_boot, settings.ci)
-    except ValueError:
-        return None
-    return bend.slope_change if bend.shape == "steepening" else None
+    result = bend(table, settings)
+    return result.slope_change if result is not None and result.shape == "steepening" else None
 
 
 def comparison_figures(out_dir: str | Path, arms, tables, settings) -> list[Path]:

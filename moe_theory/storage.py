@@ -73,9 +73,9 @@ def create_run_dir(root: str | Path, name: str) -> Path:
 
 def latest_run(root: str | Path, name: str) -> Path | None:
     """The newest finished run of study ``name`` under ``root`` (run ids sort by time): a folder
-    holding its rates table, which a sweep writes after the fits and the summary. None if there is none."""
+    holding its report, which a study (an arms study too) writes last. None if there is none."""
     folder = Path(root) / name
-    runs = sorted(path for path in folder.iterdir() if (path / RATES_FILE).is_file()) if folder.is_dir() else []
+    runs = sorted(path for path in folder.iterdir() if (path / REPORT_FILE).is_file()) if folder.is_dir() else []
     return runs[-1] if runs else None
 
 

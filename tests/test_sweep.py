@@ -200,6 +200,6 @@ def test_latest_run_is_the_newest_finished_run(tmp_path):
         run_dir = tmp_path / "study" / run_id
         run_dir.mkdir(parents=True)
         if finished:
-            (run_dir / storage.RATES_FILE).write_text("group,metric\n")
-    # The newest folder is still running (no rates table): the newest finished one is returned.
+            (run_dir / storage.REPORT_FILE).write_text("# report\n")
+    # The newest folder is still running (no report yet): the newest finished one is returned.
     assert storage.latest_run(tmp_path, "study") == tmp_path / "study" / "20260102-000000-bbbbbb"
