@@ -68,13 +68,7 @@ def run_arms(
             "git": storage.git_state(),
             "sessions": [],
         }
-        for session in meta["sessions"]:
-            if session.get("status") == "running":
-                session["status"] = "interrupted"
-        meta["sessions"].append({"status": "running", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                 "command": command, "lock": lock.took_over})
-        meta["status"] = "running"
-        storage.write_meta(run_dir, meta)
+        storage.begin_session(run_dir, meta, command, lock)
         started = time.perf_counter()
         for name, config in study.arms:
             folder = arm_dir(run_dir, name)

@@ -278,6 +278,20 @@ class RateFit:
         return f"10^{{{self.intercept / math.log(10):.0f}}}·n^{{{self.slope:.2f}}}"
 
 
+def _bootstrap_log_statistic(data: _PerSizeData, statistic: str, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, N) log statistics of replicates resampled with replacement within each n.
+
+    One vectorised draw of all resamples per n; the loop runs over distinct n only.
+    """
+    rng = np.random.default_rng(seed)
+    reduce = _REDUCERS[statistic]
+    boot = np.empty((n_boot, data.sample_sizes.size))
+    for column, replicate_values in enumerate(data.values_by_size):
+        draws = rng.integers(0, replicate_values.size, size=(n_boot, replicate_values.size))
+        boot[:, column] = np.log(reduce(replicate_values[draws], axis=1))
+    return boot
+
+
 def fit_rate(
     table: pd.DataFrame,
     value: str = "value",
@@ -317,14 +331,7 @@ def fit_rate(
     total_sum = float(np.sum((log_statistic - log_statistic.mean()) ** 2))
     r_squared = 1.0 - residual_sum / total_sum if total_sum > 0 else float("nan")
 
-    # One vectorised draw of all resamples per n; the loop runs over distinct n only.
-    rng = np.random.default_rng(seed)
-    reduce = _REDUCERS[statistic]
-    boot_log_statistic = np.empty((n_boot, data.sample_sizes.size))
-    for column, replicate_values in enumerate(data.values_by_size):
-        draws = rng.integers(0, replicate_values.size, size=(n_boot, replicate_values.size))
-        boot_log_statistic[:, column] = np.log(reduce(replicate_values[draws], axis=1))
-    boot_slopes, _ = ols(log_sizes, boot_log_statistic)
+    boot_slopes, _ = ols(log_sizes, _bootstrap_log_statistic(data, statistic, n_boot, seed))
     tail = (1.0 - ci) / 2.0
     ci_low, ci_high = np.quantile(boot_slopes, [tail, 1.0 - tail])
 
@@ -443,12 +450,7 @@ def curvature(
     projection = np.linalg.pinv(design)[2]  # row giving γ̂ from the responses
     span = 2.0 * (log_sizes.max() - log_sizes.min())
     gamma = float(projection @ np.log(data.statistic_values))
-    rng = np.random.default_rng(seed)
-    reduce = _REDUCERS[statistic]
-    boot = np.empty((n_boot, data.sample_sizes.size))
-    for column, replicate_values in enumerate(data.values_by_size):
-        draws = rng.integers(0, replicate_values.size, size=(n_boot, replicate_values.size))
-        boot[:, column] = np.log(reduce(replicate_values[draws], axis=1))
+    boot = _bootstrap_log_statistic(data, statistic, n_boot, seed)
     tail = (1.0 - ci) / 2.0
     low, high = np.quantile(span * (boot @ projection), [tail, 1.0 - tail])
     change = span * gamma

@@ -205,6 +205,19 @@ def read_meta(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def begin_session(run_dir: Path, meta: dict, command: str | None, lock: "RunLock", **details: Any) -> dict:
+    """Open a session in ``meta``: earlier sessions still marked running become ``interrupted`` (their
+    process died), a new running session is appended (with ``details``) and the meta is written."""
+    for session in meta["sessions"]:
+        if session.get("status") == "running":
+            session["status"] = "interrupted"
+    meta["sessions"].append({"status": "running", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "command": command, "lock": lock.took_over, **details})
+    meta["status"] = "running"
+    write_meta(run_dir, meta)
+    return meta
+
+
 def write_meta(run_dir: Path, meta: dict) -> None:
     write_text(Path(run_dir) / META_FILE, json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
 

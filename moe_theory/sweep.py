@@ -691,15 +691,8 @@ def run_study(
                 "plan": plan(config),
                 "sessions": [],
             }
-        for session in meta["sessions"]:
-            if session.get("status") == "running":
-                session["status"] = "interrupted"
-        meta["sessions"].append({"status": "running", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                 "command": command, "lock": lock.took_over})
-        meta["status"] = "running"
-        jax_cache = jax.config.jax_compilation_cache_dir
-        meta["sessions"][-1]["persistent_compile_cache"] = jax_cache or None
-        storage.write_meta(run_dir, meta)
+        storage.begin_session(run_dir, meta, command, lock,
+                              persistent_compile_cache=jax.config.jax_compilation_cache_dir or None)
 
         session = run_sweep(config, run_dir, progress=progress, after_cell=after_cell)
         meta["sessions"][-1].update(status="complete", **session)
