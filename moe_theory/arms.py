@@ -76,8 +76,16 @@ def run_arms(
             arm_meta = storage.read_meta(folder)
             if arm_meta.get("status") == "complete":
                 continue
-            if not (folder / storage.CONFIG_FILE).is_file():
-                storage.write_text(folder / storage.CONFIG_FILE, config.to_yaml())
+            stored = folder / storage.CONFIG_FILE
+            if stored.is_file():
+                # Resuming: the arm's cells must be computed under the settings they started with.
+                if load_config(stored).to_dict() != config.to_dict():
+                    raise storage.RunFolderError(
+                        f"{stored}: arm {name!r} of this run was started with other settings than {study.source} "
+                        "now resolves to (an edited config or other defaults); start a new run instead"
+                    )
+            else:
+                storage.write_text(stored, config.to_yaml())
             sweep.run_study(config, folder, progress=progress, command=command, figures=figures)
             if after_arm is not None:
                 after_arm(name)
@@ -118,7 +126,7 @@ def write_comparison(run_dir: str | Path, study: ArmsStudy | None = None, *, fig
     else:
         arms = [load_arm(arm_dir(run_dir, name), name) for name in study.arm_names]
     storage.write_frame(run_dir / storage.METRICS_FILE, pd.concat([arm.long for arm in arms], ignore_index=True))
-    tables = comparison.compare_arms(arms, study.comparison, study.reference)
+    tables = comparison.compare_arms(arms, study.comparison)
     comparison.write_tables(run_dir, tables)
     figure_paths = plotting.comparison_figures(run_dir, arms, tables, study.comparison) if figures else []
     return report.write_arms_report(run_dir, study, arms, tables, figure_paths)

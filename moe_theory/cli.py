@@ -171,7 +171,7 @@ def _run_command(args: argparse.Namespace) -> int:
     session = meta["sessions"][-1]
     print(
         f"\ndone in {session['wall_seconds']:.0f} s (sweep; {session['compile_seconds']:.0f} s compiling "
-        f"{session['compile_count']} program(s) ahead, {session.get('compile_wait_seconds', 0):.0f} s waited for, "
+        f"{session['compile_count']} program(s), {session.get('compile_wait_seconds', 0):.0f} s waited for, "
         f"{session['cells_computed']} cell(s) computed, "
         f"{session['cells_already_stored']} already stored) + {session['tables_and_figures_seconds']:.0f} s tables and figures"
     )
@@ -254,7 +254,7 @@ def _compare_command(args: argparse.Namespace) -> int:
         statistic = args.statistic if args.statistic in ("mean", "median") else float(args.statistic)
         settings = ComparisonSettings(metrics=selectors, epsilons=tuple(sorted(args.epsilon)) if args.epsilon else None,
                                       statistic=statistic, reference=args.reference, n_boot=args.n_boot)
-        tables = comparison.compare_arms(members, settings, args.reference)
+        tables = comparison.compare_arms(members, settings)
     except ValueError as error:
         return _error(str(error))
     out_dir = Path(args.out) if args.out else storage.create_run_dir("results", "compare")
@@ -310,16 +310,17 @@ def _print_rates(run_dir: Path) -> None:
 
 def _plot_command(args: argparse.Namespace) -> int:
     from . import arms, comparison, plotting, storage
+    from .config import ConfigError
 
     try:
         if arms.is_arms_run(args.run_dir):
             study, members = arms.load_arms(args.run_dir)
-            tables = comparison.compare_arms(members, study.comparison, study.reference)
+            tables = comparison.compare_arms(members, study.comparison)
             paths = [path for arm in members for path in plotting.make_figures(arm.run_dir)]
             paths += plotting.comparison_figures(args.run_dir, members, tables, study.comparison)
         else:
             paths = plotting.make_figures(args.run_dir)
-    except storage.RunFolderError as error:
+    except (ConfigError, storage.RunFolderError) as error:
         return _error(str(error))
     for path in paths:
         print(path)
@@ -328,6 +329,7 @@ def _plot_command(args: argparse.Namespace) -> int:
 
 def _report_command(args: argparse.Namespace) -> int:
     from . import arms, report, storage
+    from .config import ConfigError
 
     try:
         if arms.is_arms_run(args.run_dir):
@@ -341,7 +343,7 @@ def _report_command(args: argparse.Namespace) -> int:
             return 0
         report.write_tables(args.run_dir)
         path = report.write_report(args.run_dir)
-    except storage.RunFolderError as error:
+    except (ConfigError, storage.RunFolderError) as error:
         return _error(str(error))
     run_dir = Path(args.run_dir)
     for name in (storage.SUMMARY_FILE, storage.RATES_FILE):

@@ -104,7 +104,8 @@ def resolve(selector: MetricSelector, config: StudyConfig, group: FitGroup) -> d
 
 
 def series(arm: Arm, group: FitGroup, selector: MetricSelector) -> tuple[pd.DataFrame, dict] | None:
-    """(n, replicate, value) of one metric of one group, NaN where the fit failed, and its keys."""
+    """(n, replicate, value) of one metric of one group at n ≥ ``rates.min_n``, NaN where the fit
+    failed or the score is 0, and its keys."""
     keys = resolve(selector, arm.config, group)
     if keys is None:
         return None
@@ -117,8 +118,13 @@ def series(arm: Arm, group: FitGroup, selector: MetricSelector) -> tuple[pd.Data
             f"arm {arm.label!r}, group {group.label}: metric {selector.label()!r} matches several scores per fit "
             f"({columns[:6]}); name its block and atom"
         )
-    values = np.where(rows["finite"].to_numpy(dtype=bool), rows["value"].to_numpy(dtype=float), np.nan)
-    table = pd.DataFrame({"n": rows["n"].to_numpy(), "replicate": rows["replicate"].to_numpy(), "value": values})
+    rows = rows[rows["n"] >= arm.config.rates.min_n]  # the sizes the arm's own rates use
+    values = rows["value"].to_numpy(dtype=float)
+    # A failed fit has no score; a score of exactly 0 (zero by construction, as the reference expert's
+    # fixed gate slope) has no logarithm. Both count as missing, like a non-finite value.
+    usable = rows["finite"].to_numpy(dtype=bool) & (values > 0)
+    table = pd.DataFrame({"n": rows["n"].to_numpy(), "replicate": rows["replicate"].to_numpy(),
+                          "value": np.where(usable, values, np.nan)})
     return table, {**keys, "column": rows["column"].iloc[0]}
 
 
@@ -141,15 +147,15 @@ def _statistic_per_n(table: pd.DataFrame, statistic) -> np.ndarray:
 
 
 def default_epsilons(reference: pd.DataFrame, statistic, count: int = NUM_DEFAULT_EPSILONS) -> np.ndarray:
-    """Targets spanning the reference arm's measured levels (its smallest to its largest per-n
-    statistic), so that n(ε) is read from the data for the reference, and every other arm is
-    compared with it where it has data, or reported beyond or below its data."""
+    """Targets strictly inside the reference arm's measured levels (between its smallest and largest
+    per-n statistic, ends excluded: at an end, half the bootstrap draws fall outside the data), so
+    that n(ε) is read from the data for the reference, and every other arm is compared with it
+    where it has data, or reported beyond or below its data."""
     values = _statistic_per_n(reference, statistic)
     values = values[np.isfinite(values) & (values > 0)]
-    if values.size == 0:
+    if values.size == 0 or not values.min() < values.max():
         return np.array([])
-    low, high = values.min(), values.max()
-    return np.geomspace(low, high, count) if low < high else np.array([low])
+    return np.geomspace(values.min(), values.max(), count + 2)[1:-1]
 
 
 def bend(table: pd.DataFrame, settings: ComparisonSettings) -> Curvature | None:
@@ -185,13 +191,15 @@ class ComparisonTables:
     ratios: pd.DataFrame
 
 
-def compare_arms(arms: list[Arm], settings: ComparisonSettings, reference: str | None = None) -> ComparisonTables:
-    """Every contrast, curve and ratio of the module docstring, as three tidy tables."""
+def compare_arms(arms: list[Arm], settings: ComparisonSettings) -> ComparisonTables:
+    """Every contrast, curve and ratio of the module docstring, as three tidy tables; the
+    reference arm is ``settings.reference``, or the first arm."""
     if len(arms) < 2:
         raise ValueError(f"a comparison needs at least two arms, got {[arm.label for arm in arms]}")
     labels = [arm.label for arm in arms]
     if len(set(labels)) != len(labels):
         raise ValueError(f"arm labels must be distinct, got {labels}")
+    reference = settings.reference
     reference_arm = arms[0] if reference is None else next((a for a in arms if a.label == reference), None)
     if reference_arm is None:
         raise ValueError(f"reference arm {reference!r} is not among {labels}")
@@ -217,7 +225,10 @@ def compare_arms(arms: list[Arm], settings: ComparisonSettings, reference: str |
                     key = (arm.label, group.label, selector.label(), tuple(np.round(epsilons, 12)))
                     if key not in seen_curves and epsilons.size:
                         seen_curves.add(key)
-                        curves.append(_curve_frame(arm, group, selector, table, epsilons, settings, laws[arm.label]))
+                        try:
+                            curves.append(_curve_frame(arm, group, selector, table, epsilons, settings, laws[arm.label]))
+                        except ValueError:  # fewer than 2 sizes with data: no curve, the contrast says why
+                            pass
                 record = {**identity, "failed_a": int(table_a["value"].isna().sum()),
                           "failed_b": int(table_b["value"].isna().sum())}
                 shapes = {arm.label: bend(table, settings) for arm, table in ((reference_arm, table_a), (other, table_b))}
@@ -241,8 +252,11 @@ def compare_arms(arms: list[Arm], settings: ComparisonSettings, reference: str |
                     record[f"delta_aic_{side}"] = laws[arm.label]["delta_aic"]
                 contrasts.append(record)
                 if epsilons.size:
-                    ratio = complexity.sample_complexity_ratio(table_a, table_b, "value", epsilons, statistic, n_boot, ci,
-                                                               paired=paired)
+                    try:
+                        ratio = complexity.sample_complexity_ratio(table_a, table_b, "value", epsilons, statistic, n_boot,
+                                                                   ci, paired=paired)
+                    except ValueError:  # as for the curves
+                        continue
                     ratios.append(ratio.drop(columns="paired").assign(**identity))
     return ComparisonTables(
         contrasts=pd.DataFrame(contrasts),
@@ -320,9 +334,10 @@ def report_lines(tables: ComparisonTables, settings: ComparisonSettings) -> list
             f"{_fmt(row.slope_b)} | {_fmt(row.difference)} {_interval(row.ci_low, row.ci_high)} | "
             f"{'yes' if row.paired else 'no'} | {row.failed_a} / {row.failed_b} | {row.verdict} |"
         )
+    law_statistic = "" if settings.statistic in ("mean", "median") else " Fitted to the per-n median (the laws take no quantile)."
     lines += ["", "### Power law or 1/log(n)^λ", "",
               "ΔAIC = AIC(power) − AIC(log); positive favours the 1/log(n)^λ law (\"slower than any polynomial\"), "
-              "|ΔAIC| < 2 decides nothing.", "",
+              f"|ΔAIC| < 2 decides nothing.{law_statistic}", "",
               "| arm | group | metric | power slope | λ | ΔAIC | preferred |", "|---|---|---|---|---|---|---|"]
     curves = tables.curves
     if not curves.empty:
@@ -340,6 +355,8 @@ def report_lines(tables: ComparisonTables, settings: ComparisonSettings) -> list
         for row in ratios.itertuples():
             notes = [f"{side}: {_STATUS_WORDS[status]}" for side, status in (("reference", row.status_a), ("arm", row.status_b))
                      if _STATUS_WORDS[status]]
+            if row.defined < 0.95:
+                notes.append(f"CI from the {row.defined:.0%} of draws in which both arms reach ε")
             lines.append(f"| {row.metric} | {row.arm_a} | {row.arm_b} | {_fmt(row.epsilon)} | {_samples(row.n_a)} | "
                          f"{_samples(row.n_b)} | {_fmt(row.ratio)} {_interval(row.ratio_low, row.ratio_high)} | "
                          f"{'; '.join(notes)} |")

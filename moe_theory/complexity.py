@@ -9,7 +9,7 @@ The mathematics is described in ``docs/rates.md``.
 Mathematics
 -----------
 **Per-n statistic.** m̂(n_j) is the mean, the median or a chosen quantile q of the finite values
-at n_j (the same reduction as :func:`moe_theory.rates.fit_rate`).
+at n_j (for the mean and the median, the reduction :func:`moe_theory.rates.fit_rate` uses).
 
 **Empirical sample complexity.** For a target ε > 0,
 
@@ -373,8 +373,8 @@ def sample_complexity_ratio(
     """n_B(ε)/n_A(ε) at each ε with a (paired) percentile bootstrap CI.
 
     Columns: ``epsilon``, ``n_a``, ``n_b``, ``ratio``, ``ratio_low``, ``ratio_high``, ``status_a``,
-    ``status_b``, ``defined`` (the fraction of bootstrap draws in which at least one arm reaches ε,
-    so that the ratio exists), ``paired``. A ratio is only a measurement where both statuses are
+    ``status_b``, ``defined`` (the fraction of bootstrap draws in which both arms reach ε within the
+    data, the draws the interval is made of), ``paired``. A ratio is only a measurement where both statuses are
     ``interpolated``; elsewhere it is a bound (n_1 is an upper bound, +inf says "beyond the data"),
     and the statuses say which.
     """
@@ -388,10 +388,11 @@ def sample_complexity_ratio(
     draws_a, _ = crossing_sizes(grid_a.sample_sizes, reduce_statistic(_draw(grid_a, indices_a), statistic), epsilons)
     draws_b, _ = crossing_sizes(grid_b.sample_sizes, reduce_statistic(_draw(grid_b, indices_b), statistic), epsilons)
     with np.errstate(invalid="ignore"):
-        ratios = draws_b / draws_a
         ratio = n_b / n_a
-    # inf/inf is NaN: a draw in which neither arm reaches ε says nothing about their ratio, so it is
-    # left out of the band, and ``defined`` says in how many draws the ratio exists.
+    # A draw in which either arm does not reach ε within the data bounds the ratio on one side only;
+    # it is left out of the band, and ``defined`` says in how many draws the ratio was measured.
+    measured = np.isfinite(draws_a) & np.isfinite(draws_b)
+    ratios = np.where(measured, draws_b / np.where(measured, draws_a, 1.0), np.nan)
     low, high = _percentile_band(ratios, ci)
     return pd.DataFrame(
         {

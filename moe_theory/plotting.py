@@ -368,8 +368,8 @@ def _sample_complexity_figure(tables, settings) -> Figure | None:
 
 
 def _comparison_curves_figure(arms, tables, settings) -> Figure | None:
-    """Each compared metric against n for every arm: the per-n statistic with its bootstrap band
-    and the fitted power law over the measured range."""
+    """Each compared metric against n for every arm: the per-n statistic with the band between the
+    replicates' quartiles, and the fitted power law over the measured range."""
     contrasts = tables.contrasts
     if contrasts.empty:
         return None

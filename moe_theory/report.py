@@ -25,11 +25,11 @@ its CI and ``shape``, :func:`moe_theory.rates.curvature`), the theoretical expon
 (:func:`moe_theory.rates.verdict`). The theory key is, in order: an entry of ``rates.compare`` that
 matches the metric and group; else, with ``rates.theory`` naming a registry family F,
 
+(the metric's kind, block and atom come from :func:`moe_theory.metrics.metric_specs`, not from
+its column name):
+
 * ``D1`` (k = k*) → (F, exact, D1); ``D2`` (k > k*) → (F, overfit, D2);
 * ``hellinger`` / ``tv`` → (F, exact|overfit, ·), falling back to (density_moe, any, ·);
-(the metric's kind, block and atom come from :func:`moe_theory.metrics.metric_specs`, not from
-its column name)
-
 * ``err_<block>_atom<j>`` → (F, exact, block) when k = k*, else (F, overfit_cell<m>, block) with
   m the most frequent size of the Voronoi cell of true atom j in that group (the share of rows
   with that size is reported: a cell whose size varies mixes rates);
@@ -58,6 +58,7 @@ import numpy as np
 import pandas as pd
 
 from . import storage
+from .comparison import report_lines
 from .config import FitGroup, StudyConfig, load_config, select_columns
 from .metrics import MetricSpec, cell_size_column, long_table, metric_specs
 from .rates import (
@@ -534,7 +535,7 @@ def _arm_rate_lines(arms) -> list[str]:
         specs = {spec.column: spec for group in arm.config.groups for spec in metric_specs(arm.config, group)}
         for row in rates.itertuples():
             spec = specs.get(row.metric)
-            if spec is None or spec.metric in ("error", "mass_error"):
+            if spec is None or spec.metric in ("error", "mass_error", "shared_error"):
                 continue
             lines.append(f"| {arm.label} | {row.group} | {row.metric} | {_fmt(row.slope)} [{_fmt(row.ci_low)}, {_fmt(row.ci_high)}] | "
                          f"{_fmt(row.tail_slope)} | {row.theory_rate if isinstance(row.theory_rate, str) else ''} | "
@@ -545,8 +546,6 @@ def _arm_rate_lines(arms) -> list[str]:
 def comparison_report(title: str, preamble: list[str], arms, tables, settings, figures: list[Path],
                       out_dir: Path) -> Path:
     """Write ``report.md`` of a comparison: the arms, the figures, the contrasts and each arm's rates."""
-    from .comparison import report_lines
-
     lines = [f"# {title}", "", *preamble, "## Arms", "", *_arm_lines(arms, out_dir)]
     lines += ["## Comparison", ""]
     for figure in figures:

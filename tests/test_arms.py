@@ -1,6 +1,7 @@
 """Arms studies: config validation with the key named, common random numbers, resumable runs, and
 the comparison written from stored tables (also across separate runs with ``moe-theory compare``)."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from moe_theory import arms, cli, comparison, storage
-from moe_theory.config import ArmsStudy, ConfigError, load_config
+from moe_theory.config import ArmsStudy, ConfigError, MetricSelector, load_config
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
@@ -141,3 +142,29 @@ def test_compare_draws_the_same_tables_across_separate_runs(arms_run, tmp_path, 
     assert (out / storage.REPORT_FILE).is_file()
     assert cli.main(["compare", str(run_dir), "--arms", "nope", "--out", str(out)]) == 2
     assert "unknown arm" in capsys.readouterr().err
+
+
+def test_a_metric_that_is_zero_by_construction_is_reported_not_fatal(arms_run):
+    run_dir, _ = arms_run
+    study, members = arms.load_arms(run_dir)
+    # The reference expert's gate slope is fixed at 0 in the exact arms: no logarithm, no rate.
+    settings = replace(study.comparison, metrics=(MetricSelector("error", block="beta1", atom=1),))
+    tables = comparison.compare_arms(members[:2], settings)
+    assert len(tables.contrasts) == 1 and np.isnan(tables.contrasts["slope_a"].iloc[0])
+    assert tables.contrasts["failed_a"].iloc[0] == 16  # every fit counted as missing, none dropped
+
+
+def test_resuming_an_arm_under_changed_settings_is_refused(arms_run, tmp_path):
+    run_dir, _ = arms_run
+    study = load_config(run_dir / storage.CONFIG_FILE)
+    arm_meta = arms.arm_dir(run_dir, "twin") / storage.META_FILE
+    meta = storage.read_meta(arms.arm_dir(run_dir, "twin"))
+    meta["status"] = "running"  # as if interrupted
+    storage.write_meta(arms.arm_dir(run_dir, "twin"), meta)
+    changed = replace(study, arms=tuple((name, replace(config, replicates=5) if name == "twin" else config)
+                                        for name, config in study.arms))
+    with pytest.raises(storage.RunFolderError, match="arm 'twin' of this run was started with other settings"):
+        arms.run_arms(changed, run_dir, progress=False, figures=False)
+    meta["status"] = "complete"
+    storage.write_meta(arms.arm_dir(run_dir, "twin"), meta)
+    assert arm_meta.is_file()

@@ -7,8 +7,8 @@ command line (:mod:`moe_theory.cli`) and the Python API (:mod:`moe_theory.fit`) 
   every fitter (changing it does not recompile), and the estimator and the number of random
   starts are chosen per call. :data:`FIT_DEFAULTS` is its default instance.
 
-L-BFGS (:mod:`moe_theory.fit.mle`) keeps its own tighter tolerance and iteration bound, which are
-fields of its solver there. The algorithms and the stopping rule are in ``docs/estimators.md``.
+L-BFGS (:mod:`moe_theory.fit.mle`) has its own tighter tolerance, iteration bound and history
+length, :data:`LBFGS_DEFAULTS`. The algorithms and the stopping rule are in ``docs/estimators.md``.
 
 [1] Nguyen, Nguyen, Ho, "Demystifying Softmax Gating Function in Gaussian Mixture of Experts",
 NeurIPS 2023, arXiv 2305.03288 (``max_iter`` = 2000, ``tol`` = 1e-6, the authors' stopping rule).
