@@ -298,7 +298,7 @@ def _print_rates(run_dir: Path) -> None:
         rates[column] = rates[column].fillna("").astype(str)
     config = load_config(run_dir / storage.CONFIG_FILE)
     per_atom = {spec.column for group in config.groups for spec in metric_specs(config, group)
-                if spec.metric in ("error", "mass_error", "shared_error")}
+                if spec.metric in ("error", "mass_error", "shared_error", "expert_error")}
     main = rates[~rates["metric"].isin(per_atom)]
     shown = report.rates_for_display(main if len(main) else rates)
     with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.2f}".format):

@@ -114,6 +114,8 @@ INITS = ("near_truth", "random")
 DTYPES = ("float64", "float32")
 DISTANCES = ("hellinger", "tv")
 STATISTICS = ("mean", "median")
+EXPERT_ERROR_INPUTS = 200
+"""Default number of x draws of the expert estimation errors (``metrics.expert_errors: true``)."""
 PARAMETER_TRANSLATION = "mass"
 """Default translation of per-parameter errors (see the module docstring)."""
 BUILTIN_LOSSES = {"D1": "first_order", "D2": None}
@@ -352,6 +354,8 @@ class MetricsConfig:
     parameter_errors: bool
     parameter_translation: str
     density: DensitySpec | None
+    expert_errors: int | None = None
+    """Number of x draws of the expert estimation errors (:func:`moe_theory.losses.expert_errors`), or None."""
 
     def loss_columns(self, exact: bool) -> tuple[tuple[LossSpec, str, str], ...]:
         """(loss, column, translation) of every loss that applies to a group (``exact``: k = k*)."""
@@ -552,6 +556,7 @@ class StudyConfig:
                     {"translation": metrics.parameter_translation} if metrics.parameter_errors else False
                 ),
                 "density": density,
+                "expert_errors": False if metrics.expert_errors is None else {"num_inputs": metrics.expert_errors},
             },
             "rates": {
                 "theory": rates.theory,
@@ -689,7 +694,7 @@ def _parse_translations(ctx: _Context, value: Any, path: str) -> tuple[str, ...]
 
 def _parse_metrics(ctx: _Context, raw: Any, fit: FitSettings, num_true: int) -> MetricsConfig:
     metrics = _mapping(ctx, raw if raw is not None else {}, "metrics")
-    _check_keys(ctx, metrics, "metrics", ("losses", "translation", "parameter_errors", "density"))
+    _check_keys(ctx, metrics, "metrics", ("losses", "translation", "parameter_errors", "density", "expert_errors"))
     default_translation = _choice(ctx, metrics.get("translation", "infimum"), "metrics.translation", TRANSLATIONS)
     losses_raw = metrics.get("losses", ["D1", "D2"] if num_true in fit.num_experts else ["D2"])
     if not isinstance(losses_raw, list):
@@ -760,7 +765,16 @@ def _parse_metrics(ctx: _Context, raw: Any, fit: FitSettings, num_true: int) -> 
         )
     elif density_raw is not False and density_raw is not None:
         raise ctx.error("metrics.density", f"expected true, false or a mapping, got {_describe(density_raw)}")
-    return MetricsConfig(tuple(losses), default_translation, parameter_errors, parameter_translation, density)
+    expert_raw = metrics.get("expert_errors", False)
+    expert_errors = None
+    if expert_raw is True:
+        expert_errors = EXPERT_ERROR_INPUTS
+    elif isinstance(expert_raw, Mapping):
+        _check_keys(ctx, expert_raw, "metrics.expert_errors", ("num_inputs",))
+        expert_errors = _int(ctx, expert_raw.get("num_inputs", EXPERT_ERROR_INPUTS), "metrics.expert_errors.num_inputs", minimum=1)
+    elif expert_raw is not False and expert_raw is not None:
+        raise ctx.error("metrics.expert_errors", f"expected true, false or {{num_inputs: N}}, got {_describe(expert_raw)}")
+    return MetricsConfig(tuple(losses), default_translation, parameter_errors, parameter_translation, density, expert_errors)
 
 
 def infer_theory_family(family: Family) -> str | None:

@@ -102,6 +102,20 @@ slowest fitted atom of a cell), the **mean** over the cell, the cell size |A_j|,
 Σ_{i∈A_j} w_i against w*_j, and |τ̂ − τ*|. Empty cells have NaN errors. Arrays are (k*,) so a study
 can plot rates in cells of size 2 against cells of size 1.
 
+Expert errors
+-------------
+The expert estimation error of [6] and [7] compares functions rather than parameters. For true
+expert j and each fitted expert i in its Voronoi cell A_j (the cells of the per-parameter errors),
+
+    d_i = E_x[ TV(f̂_i(·|x), f*_j(·|x)) ]      classifier experts: ½ Σ_c |P̂_i(c|x) − P*_j(c|x)|,
+    d_i = E_x[ |ĥ_i(x) − h*_j(x)| ]            regression experts: their regression functions,
+
+with x ~ the input distribution by Monte Carlo over ``num_inputs`` draws (the same draws for every
+replicate). :func:`expert_errors` returns, per true expert, the worst d_i over its cell (the
+quantity the rates bound) and the mean, NaN for an empty cell. It depends on the expert
+parameters alone, so it is unaffected by the gate's translation; the cells are those of
+:func:`parameter_errors` at the chosen translation.
+
 Density distances
 -----------------
 With p̂ = p_Ĝ(·|x), p* = p_{G*}(·|x), H²(p̂, p*) = ½∫(√p̂ − √p*)² (so 0 ≤ H ≤ 1) and
@@ -741,6 +755,83 @@ def exact_fitted_loss(family: Family, fitted: MoEParams, truth: MoEParams, **opt
 def over_fitted_loss(family: Family, fitted: MoEParams, truth: MoEParams, **options: Any) -> VoronoiLoss:
     """D₂: the Voronoi loss with the family's over-fitted table (:func:`default_exponent_table`)."""
     return voronoi_loss(family, fitted, truth, exponents=default_exponent_table(family), **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert errors (see the module docstring).
+
+
+class ExpertErrors(NamedTuple):
+    """Result of :func:`expert_errors`; every field gains the leading batch axes of ``fitted``.
+
+    Attributes:
+        max_error: (k*,) max over the fitted experts of true expert j's cell of d_i (NaN if empty).
+        mean_error: (k*,) their mean (NaN if empty).
+        distance: (k,) d_i of each fitted expert to the true expert whose cell holds it.
+        assignment: (k,) int, that true expert.
+    """
+
+    max_error: jnp.ndarray
+    mean_error: jnp.ndarray
+    distance: jnp.ndarray
+    assignment: jnp.ndarray
+
+
+def _expert_distances(family: Family, fitted: MoEParams, truth: MoEParams, assignment, x) -> jnp.ndarray:
+    """d_i of every fitted expert to its assigned true expert, (k,), for one fit."""
+    fitted_means = family.expert.mean(fitted.expert, x)  # (N, k) or class probabilities (N, k, C)
+    true_means = family.expert.mean(truth.expert, x)[:, assignment]  # the assigned true expert's, same shape
+    gap = jnp.abs(fitted_means - true_means)
+    if family.expert.is_classifier:
+        gap = 0.5 * jnp.sum(gap, axis=-1)
+    return jnp.mean(gap, axis=0)
+
+
+def _cell_statistics(distance: jnp.ndarray, assignment: jnp.ndarray, num_true: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    membership = assignment[:, None] == jnp.arange(num_true)[None, :]  # (k, k*)
+    count = jnp.sum(membership, axis=0)
+    worst = jnp.max(jnp.where(membership, distance[:, None], -jnp.inf), axis=0)
+    mean = jnp.sum(jnp.where(membership, distance[:, None], 0.0), axis=0) / jnp.maximum(count, 1)
+    return jnp.where(count > 0, worst, jnp.nan), jnp.where(count > 0, mean, jnp.nan)
+
+
+def expert_errors(
+    key: jax.Array,
+    family: Family,
+    fitted: MoEParams,
+    truth: MoEParams,
+    inputs: InputDistribution = UniformInputs(),
+    num_inputs: int = 1000,
+    **cell_options: Any,
+) -> ExpertErrors:
+    """The expert estimation error of each true expert (see the module docstring).
+
+    Args:
+        key: PRNG key of the x draws (the same draws for every replicate of a batch).
+        family: gate × expert; ``fitted`` may have more experts than ``truth``.
+        fitted: fitted parameters, with any leading batch axes.
+        truth: true parameters, unbatched.
+        inputs: the input distribution of the x draws (static).
+        num_inputs: number of x draws (static).
+        **cell_options: how the Voronoi cells are formed, as for :func:`parameter_errors`
+            (``translation``, ``exponents``, ``weight``, ``canonical_truth``).
+    """
+    if not isinstance(num_inputs, int) or num_inputs < 1:
+        raise ValueError(f"num_inputs: expected a positive integer, got {num_inputs!r}")
+    if _batch_ndim(family, truth, "truth") != 0:
+        raise ValueError("truth: expected unbatched true parameters (only the fitted parameters may carry batch axes)")
+    cells = parameter_errors(family, fitted, truth, **cell_options)
+    x = inputs.draw(key, num_inputs, family.dim, jax.tree_util.tree_leaves(truth)[0].dtype, truth)
+    num_true = _num_atoms(family, truth)
+
+    def one(fitted_one, assignment):
+        distance = _expert_distances(family, fitted_one, truth, assignment, x)
+        worst, mean = _cell_statistics(distance, assignment, num_true)
+        return ExpertErrors(worst, mean, distance, assignment)
+
+    for _ in range(_batch_ndim(family, fitted, "fitted")):
+        one = jax.vmap(one)
+    return one(fitted, cells.assignment)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ are
 
 * ``metric``: the score's kind: a loss name (``D1``, ``D2`` or a custom loss), ``error`` (the worst
   error of a parameter block over true atom j's Voronoi cell), ``mass_error`` (|cell mass − w*_j|),
-  ``shared_error`` (|τ̂ − τ*| of a parameter shared by all experts), or a density distance
-  (``hellinger``, ``tv``);
+  ``shared_error`` (|τ̂ − τ*| of a parameter shared by all experts), ``expert_error`` (the worst
+  expert estimation error over true expert j's cell), or a density distance (``hellinger``, ``tv``);
 * ``block``: the parameter block (``beta1``, ``a``, …) for parameter errors, else empty;
 * ``atom``: the true atom j for per-atom scores, else −1;
 * ``cell_size``: |A_j| of that atom's Voronoi cell in this fit, else −1;
@@ -67,6 +67,10 @@ def shared_error_column(block: str) -> str:
     return f"err_{block}"
 
 
+def expert_error_column(atom: int) -> str:
+    return f"expert_err_atom{atom}"
+
+
 def metric_specs(config, group) -> tuple[MetricSpec, ...]:
     """Every score column a fit of ``group`` (a :class:`moe_theory.config.FitGroup`) of ``config`` (a
     :class:`moe_theory.config.StudyConfig`, which builds on this module and so is not imported here)
@@ -85,6 +89,9 @@ def metric_specs(config, group) -> tuple[MetricSpec, ...]:
             specs.append(MetricSpec(mass_error_column(atom), "mass_error", atom=atom, translation=translation))
         specs += [MetricSpec(shared_error_column(block), "shared_error", block, translation=translation)
                   for block in config.shared_blocks()]
+    if metrics.expert_errors is not None:
+        specs += [MetricSpec(expert_error_column(atom), "expert_error", atom=atom, translation=metrics.parameter_translation)
+                  for atom in range(config.num_true)]
     return tuple(specs)
 
 

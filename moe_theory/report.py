@@ -430,7 +430,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## Measured rates", ""]
     if len(rates):
         per_atom = {spec.column for group in config.groups for spec in metric_specs(config, group)
-                    if spec.metric in ("error", "mass_error", "shared_error")}
+                    if spec.metric in ("error", "mass_error", "shared_error", "expert_error")}
         main = rates[~rates["metric"].isin(per_atom)]
         parameters = rates[rates["metric"].isin(per_atom)]
         if len(main):
@@ -535,7 +535,7 @@ def _arm_rate_lines(arms) -> list[str]:
         specs = {spec.column: spec for group in arm.config.groups for spec in metric_specs(arm.config, group)}
         for row in rates.itertuples():
             spec = specs.get(row.metric)
-            if spec is None or spec.metric in ("error", "mass_error", "shared_error"):
+            if spec is None or spec.metric in ("error", "mass_error", "shared_error", "expert_error"):
                 continue
             lines.append(f"| {arm.label} | {row.group} | {row.metric} | {_fmt(row.slope)} [{_fmt(row.ci_low)}, {_fmt(row.ci_high)}] | "
                          f"{_fmt(row.tail_slope)} | {row.theory_rate if isinstance(row.theory_rate, str) else ''} | "

@@ -64,7 +64,8 @@ so no key depends on the order or number of cells:
   sharper);
 * init:    root → INIT_STREAM → init id (CRC-32 of k, init protocol, n_init) → n → replicate, then
   split into n_init starts;
-* density: root → DENSITY_STREAM (the Monte Carlo x draws, shared by every cell).
+* density: root → DENSITY_STREAM (the Monte Carlo x draws, shared by every cell), and
+  → EXPERT_ERROR_DRAWS under it for the expert errors' own draws.
 
 Adding a sample size or a replicate therefore leaves every existing row bit-identical, provided
 ``sweep.batch_size`` and the device count are unchanged: replicates go through the fit program in
@@ -99,8 +100,15 @@ from .fit import EM_DEFAULTS, EMConfig, FitResult, fit_batch
 from .fit.compiling import jit_variant, program_options
 from .fit.starts import random_init
 from .init import NearTruthNoise, near_truth_init
-from .losses import density_distances, exact_fitted_loss, over_fitted_loss, parameter_errors, voronoi_loss
-from .metrics import cell_size_column, error_column, mass_column, mass_error_column, shared_error_column
+from .losses import density_distances, exact_fitted_loss, expert_errors, over_fitted_loss, parameter_errors, voronoi_loss
+from .metrics import (
+    cell_size_column,
+    error_column,
+    expert_error_column,
+    mass_column,
+    mass_error_column,
+    shared_error_column,
+)
 from .models import Family, gate_log_weights
 from .params import MoEParams
 from .sampling import InputDistribution
@@ -109,6 +117,8 @@ __all__ = ["DATA_STREAM", "INIT_STREAM", "DENSITY_STREAM", "bucket_size", "cell_
 
 DATA_STREAM, INIT_STREAM, DENSITY_STREAM = 0, 1, 2
 """First ``fold_in`` ids under the root key: the data, the starting points, the density x draws."""
+EXPERT_ERROR_DRAWS = 1
+"""``fold_in`` id under the density key of the expert errors' x draws."""
 
 ID_COLUMNS = ("group",) + GRID_AXES + ("n", "replicate", "bucket")
 FIT_COLUMNS = ("log_likelihood", "n_iter", "converged", "finite")
@@ -230,13 +240,14 @@ class ScoreSpec:
     fitted_family: Family
     exact: bool
     metrics: MetricsConfig
-    inputs: InputDistribution | None  # only the density distances draw inputs
+    inputs: InputDistribution | None  # only the density distances and the expert errors draw inputs
 
     @classmethod
     def of(cls, config: StudyConfig, group: FitGroup) -> "ScoreSpec":
         metrics = config.metrics
+        draws_inputs = metrics.density is not None or metrics.expert_errors is not None
         return cls(config.true_family, config.fitted_family(group), config.is_exact(group), metrics,
-                   config.inputs if metrics.density is not None else None)
+                   config.inputs if draws_inputs else None)
 
 
 def score_cells(spec: ScoreSpec, fitted, truth, density_key) -> dict[str, jnp.ndarray]:
@@ -263,6 +274,12 @@ def score_cells(spec: ScoreSpec, fitted, truth, density_key) -> dict[str, jnp.nd
         scores["mass_err"], scores["mass"], scores["cell_size"] = errors.mass_error, errors.cell_mass, errors.cell_sizes
         for block, value in errors.shared_error.items():
             scores[f"err_{block}"] = value
+    if metrics.expert_errors is not None:
+        # Their own x draws, so that turning them on leaves the density distances' draws unchanged.
+        experts = expert_errors(jax.random.fold_in(density_key, EXPERT_ERROR_DRAWS), family, fitted, truth, spec.inputs,
+                                metrics.expert_errors, translation=metrics.parameter_translation,
+                                exponents="first_order" if exact else None)
+        scores["expert_err"] = experts.max_error
     if density is not None:
         distances = density_distances(
             density_key, family, fitted, truth, spec.inputs, density.num_inputs, density.grid_size,
@@ -392,7 +409,8 @@ def _cell_frame(config: StudyConfig, group: FitGroup, n: int, size: int, replica
     columns["n_iter"] = np.asarray(fits.n_iter[:count], dtype=np.int64)
     columns["converged"] = np.asarray(fits.converged[:count], dtype=bool)
     columns["finite"] = np.asarray(fits.finite[:count], dtype=bool)
-    per_atom = {"mass_err": mass_error_column, "mass": mass_column, "cell_size": cell_size_column}
+    per_atom = {"mass_err": mass_error_column, "mass": mass_column, "cell_size": cell_size_column,
+                "expert_err": expert_error_column}
     for name, value in scores.items():
         value = np.asarray(value[:count])
         if value.ndim == 2:  # (replicate, true atom): err_<block> or one of per_atom
@@ -423,6 +441,8 @@ def column_order(config: StudyConfig) -> list[str]:
             order += [error_column(block, atom) for block in config.atom_blocks()]
             order += [mass_error_column(atom), mass_column(atom), cell_size_column(atom)]
         order += [shared_error_column(block) for block in config.shared_blocks()]
+    if config.metrics.expert_errors is not None:
+        order += [expert_error_column(atom) for atom in range(config.num_true)]
     largest = max(config.groups, key=lambda g: g.num_experts)
     family = config.fitted_family(largest)
     for fields in (family.gate.fields, family.expert.fields):
