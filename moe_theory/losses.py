@@ -795,6 +795,14 @@ def _cell_statistics(distance: jnp.ndarray, assignment: jnp.ndarray, num_true: i
     return jnp.where(count > 0, worst, jnp.nan), jnp.where(count > 0, mean, jnp.nan)
 
 
+def _check_monte_carlo(family: Family, truth: MoEParams, num_inputs: int) -> None:
+    """The arguments every E_x estimate shares: a positive number of x draws and an unbatched truth."""
+    if not isinstance(num_inputs, int) or num_inputs < 1:
+        raise ValueError(f"num_inputs: expected a positive integer, got {num_inputs!r}")
+    if _batch_ndim(family, truth, "truth") != 0:
+        raise ValueError("truth: expected unbatched true parameters (only the fitted parameters may carry batch axes)")
+
+
 def expert_errors(
     key: jax.Array,
     family: Family,
@@ -816,10 +824,7 @@ def expert_errors(
         **cell_options: how the Voronoi cells are formed, as for :func:`parameter_errors`
             (``translation``, ``exponents``, ``weight``, ``canonical_truth``).
     """
-    if not isinstance(num_inputs, int) or num_inputs < 1:
-        raise ValueError(f"num_inputs: expected a positive integer, got {num_inputs!r}")
-    if _batch_ndim(family, truth, "truth") != 0:
-        raise ValueError("truth: expected unbatched true parameters (only the fitted parameters may carry batch axes)")
+    _check_monte_carlo(family, truth, num_inputs)
     cells = parameter_errors(family, fitted, truth, **cell_options)
     x = inputs.draw(key, num_inputs, family.dim, jax.tree_util.tree_leaves(truth)[0].dtype, truth)
     num_true = _num_atoms(family, truth)
@@ -1001,14 +1006,11 @@ def density_distances(
     Returns:
         :class:`DensityDistances`, every value in [0, 1]. H uses the ½ convention: H² = ½∫(√p̂ − √p*)².
     """
-    if not isinstance(num_inputs, int) or num_inputs < 1:
-        raise ValueError(f"num_inputs: expected a positive integer, got {num_inputs!r}")
+    _check_monte_carlo(family, truth, num_inputs)
     if not isinstance(grid_size, int) or grid_size < 2:
         raise ValueError(f"grid_size: expected an integer ≥ 2, got {grid_size!r}")
     if not isinstance(num_quadrature, int) or num_quadrature < 1:
         raise ValueError(f"num_quadrature: expected a positive integer, got {num_quadrature!r}")
-    if _batch_ndim(family, truth, "truth") != 0:
-        raise ValueError("truth: expected unbatched true parameters (only the fitted parameters may carry batch axes)")
     fitted_family = family if fitted_family is None else fitted_family
     if (fitted_family.expert, fitted_family.dim, fitted_family.num_classes) != (family.expert, family.dim, family.num_classes):
         raise ValueError("fitted_family: expected the same expert, dimension and classes as family; only the gate may differ")
