@@ -60,7 +60,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import moe_theory as mt  # noqa: E402
 from moe_theory import linalg  # noqa: E402
 from moe_theory.fit import EMConfig, fit_em  # noqa: E402
-from moe_theory.fit.newton import unconstrain  # noqa: E402
+from moe_theory.params import unconstrain  # noqa: E402
 
 EXPERT_SPECS = {"gaussian": {}, "multinomial_logistic": {"num_classes": 3}, "nonlinear": {}}
 DEFAULT_REFERENCE = "sigmoid:gaussian,temperature_softmax:gaussian,softmax:nonlinear"

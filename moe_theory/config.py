@@ -901,8 +901,9 @@ def _parse_study(ctx: _Context, top: dict) -> StudyConfig:
             check_joint_likelihood(family)
         except ValueError as error:
             raise ctx.error("fit.likelihood", str(error)) from None
-        if "mle" in fit.method:
-            raise ctx.error("fit.method", "'mle' maximises the conditional likelihood; with fit.likelihood: joint use 'em'")
+        conditional_only = sorted(set(fit.method) - {"em"})
+        if conditional_only:
+            raise ctx.error("fit.method", f"{conditional_only} maximise the conditional likelihood; with fit.likelihood: joint use 'em'")
     metrics = _parse_metrics(ctx, top.get("metrics"), fit, family.num_experts)
     rates = _parse_rates(ctx, top.get("rates"), family)
 

@@ -18,7 +18,9 @@ The same schema drives three things:
 1. :func:`params_from_dict` turns the nested lists a YAML config holds into arrays, with every
    shape and value checked and any error naming the field (``expert.nu``) and what was expected;
 2. :func:`params_to_dict` writes them back to plain nested lists;
-3. the fitters map each constrained field to an unconstrained one (``positive`` fields via log).
+3. :func:`unconstrain` and :func:`constrain` map each field to the unconstrained coordinates every
+   fitter moves in (``positive`` fields via log, ``positive_definite`` ones via the log-Cholesky
+   factor) and back; experts use them too, for their derivatives in those coordinates.
 
 Each field also declares its **role**, what the array *means* to the generic machinery (see
 :data:`ROLES`): starts, Newton constraints, translations, losses and samplers look a field up by
@@ -33,6 +35,8 @@ from typing import Any, Mapping, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+
+from . import linalg
 
 CONSTRAINTS = ("real", "positive", "positive_definite")
 
@@ -195,3 +199,46 @@ def params_to_dict(params: MoEParams) -> dict[str, dict[str, Any]]:
         group: {name: np.asarray(value).tolist() for name, value in getattr(params, group).items()}
         for group in MoEParams._fields
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Unconstrained coordinates, in which every fitter moves.
+
+
+def _log_cholesky(matrix: jnp.ndarray) -> jnp.ndarray:
+    factor = linalg.cholesky(matrix)
+    diagonal = jnp.diagonal(factor, axis1=-2, axis2=-1)
+    return factor - jnp.vectorize(jnp.diag, signature="(d)->(d,d)")(diagonal - jnp.log(diagonal))
+
+
+def _from_log_cholesky(unconstrained: jnp.ndarray) -> jnp.ndarray:
+    lower = jnp.tril(unconstrained)
+    diagonal = jnp.diagonal(lower, axis1=-2, axis2=-1)
+    factor = lower + jnp.vectorize(jnp.diag, signature="(d)->(d,d)")(jnp.exp(diagonal) - diagonal)
+    return factor @ jnp.swapaxes(factor, -1, -2)
+
+
+def unconstrain(fields: tuple[Field, ...], group: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    """Map a parameter group to unconstrained coordinates."""
+    out = {}
+    for field in fields:
+        value = group[field.name]
+        if field.constraint == "positive":
+            value = jnp.log(value)
+        elif field.constraint == "positive_definite":
+            value = _log_cholesky(value)
+        out[field.name] = value
+    return out
+
+
+def constrain(fields: tuple[Field, ...], group: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    """Inverse of :func:`unconstrain`."""
+    out = {}
+    for field in fields:
+        value = group[field.name]
+        if field.constraint == "positive":
+            value = jnp.exp(value)
+        elif field.constraint == "positive_definite":
+            value = _from_log_cholesky(value)
+        out[field.name] = value
+    return out

@@ -59,7 +59,7 @@ def test_wrong_types_name_the_key_and_the_expected_type(tmp_path):
     path = write(tmp_path, BASE.replace("replicates: 4", "replicates: many"))
     assert f"{path}:11: replicates: expected a number, got 'many'" in error_of(path)
     assert "fit.tol: expected a number" in error_of(path, ["replicates=4", "fit.tol=small"])
-    assert "fit.method[1]: expected one of ['em', 'mle'], got 'newton'" in error_of(path, ["replicates=4", "fit.method=[em, newton]"])
+    assert "fit.method[1]: expected one of ['em', 'em_newton', 'mle'], got 'newton'" in error_of(path, ["replicates=4", "fit.method=[em, newton]"])
     assert "replicates: expected an integer" in error_of(path, ["replicates=2.5"])
     assert "metrics.density: expected true, false or a mapping" in error_of(path, ["replicates=4", "metrics.density=7"])
 

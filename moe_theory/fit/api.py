@@ -12,7 +12,8 @@ or many datasets at once (``docs/estimators.md``).
   ``lax.map`` over replicates in chunks of ``batch_size``, which bounds memory and keeps the working
   set in cache on a CPU (large chunks suit a GPU; see :func:`default_batch_size`).
 
-Method ``"em"`` is :func:`fit_em`, ``"mle"`` is :func:`moe_theory.fit.mle.fit_mle`. Every entry point
+Method ``"em"`` is :func:`fit_em`, ``"em_newton"`` is EM safeguarded by full-likelihood Newton steps
+(:mod:`moe_theory.fit.newton_em`), ``"mle"`` is :func:`moe_theory.fit.mle.fit_mle`. Every entry point
 is a plain function that calls a ``jax.jit`` of a module-level function, compiled with the XLA
 options of :mod:`moe_theory.fit.compiling` (:func:`~moe_theory.fit.compiling.choose_program`).
 Defaults come from :mod:`moe_theory.fit.settings`.
@@ -31,6 +32,7 @@ from .compiling import choose_program
 from .em import GenericEM
 from .fast import FastEM, fast_path_applies
 from .mle import fit_mle
+from .newton_em import NewtonEM
 from .settings import EM_DEFAULTS, FIT_DEFAULTS, METHODS, EMConfig
 from .solver import FitResult, Solver, run_solver, trace_solver
 from .starts import random_init
@@ -112,10 +114,12 @@ def fit_em_trace(
 def _fit_one(family: Family, method: str, config: EMConfig, params0, x, y, weights, tol) -> FitResult:
     if method == "em":
         return fit_em(family, params0, x, y, weights, tol, config)
+    if method in ("mle", "em_newton") and config.likelihood != "conditional":
+        raise ValueError(f"method {method!r} maximises the conditional likelihood; likelihood='joint' is fitted by EM")
     if method == "mle":
-        if config.likelihood != "conditional":
-            raise ValueError("method 'mle' maximises the conditional likelihood; likelihood='joint' is fitted by EM")
         return fit_mle(family, params0, x, y, weights, tol, config.max_iter)
+    if method == "em_newton":
+        return run_solver(NewtonEM(family, config), params0, x, y, weights, tol)
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 
 
@@ -206,7 +210,7 @@ def fit_batch(
             boolean mask (False = padding). Leave it None for unit weights, and pass padding as a
             mask: EM's fast path then sums logarithms as logs of products instead of one per sample.
         tol: relative log-likelihood tolerance (traced).
-        method: ``"em"`` or ``"mle"`` (static).
+        method: one of :data:`~moe_theory.fit.settings.METHODS` (static).
         config: :class:`~moe_theory.fit.settings.EMConfig` (static); ``max_iter`` also bounds L-BFGS.
         batch_size: replicates fitted together per chunk (static); None picks
             :func:`default_batch_size` for the default backend.
@@ -242,7 +246,8 @@ def fit(
         init: ``"random"`` (k-means++ start, see :func:`moe_theory.fit.starts.random_init`) or
             starting parameters; given parameters with a leading axis are several starts.
         n_init: number of random starts; the best final log-likelihood is kept.
-        method: ``"em"`` (default) or ``"mle"`` (L-BFGS on the log-likelihood).
+        method: ``"em"`` (default), ``"em_newton"`` (EM with full-likelihood Newton steps, for flat
+            likelihoods) or ``"mle"`` (L-BFGS on the log-likelihood).
         tol: relative log-likelihood change at which to stop.
         config: :class:`~moe_theory.fit.settings.EMConfig` with ``max_iter``, ``gate_steps`` and the other static settings.
         dtype: floating dtype of the fit, e.g. ``"float32"``; None uses JAX's default float

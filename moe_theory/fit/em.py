@@ -7,7 +7,8 @@ For data (x_j, y_j) with sample weights w_j ≥ 0 (0 marks padding), one EM iter
   r_{ji} = exp(log π_i(x_j) + log f(y_j | x_j; η_i) − ℓ_j), and ℓ(θ_t) = Σ_j w_j ℓ_j / Σ_j w_j;
 * **expert M-step**: maximise Σ_j Σ_i w_j r_{ji} log f(y_j | x_j; η_i). Gaussian-linear experts use
   the closed form (weighted least squares, then the weighted residual variance); other experts take
-  ``expert_steps`` damped Newton steps (:mod:`moe_theory.fit.newton`);
+  ``expert_steps`` damped Newton steps (:mod:`moe_theory.fit.newton`), one ascent per expert, since
+  the objective separates over experts;
 * **gate M-step**: up to ``gate_steps`` damped Newton steps with step halving on
   Q(θ_gate) = Σ_j Σ_i w_j r_{ji} log π_i(x_j; θ_gate), stopping early once a step gains at most
   ``inner_tol``·|Q|. With one step this is a generalised EM; the authors' code [1] iterates the
@@ -64,7 +65,8 @@ from .. import linalg
 from ..gates import NORMALISERS, gate_scores, log_gate_weights, normalise, selection_mask
 from ..models import Family, canonicalize, weighted_sum
 from ..params import MoEParams, field_with_role, fields_with_role
-from .newton import constrain, gate_free_mask, newton_ascent, unconstrain
+from ..params import constrain, unconstrain
+from .newton import gate_free_mask, newton_ascent
 from .settings import EMConfig
 from .solver import FitResult, all_finite
 
@@ -82,16 +84,26 @@ def expert_mstep(family: Family, config: EMConfig, params: MoEParams, x, y, omeg
     else:
         fields = expert.fields
 
-        def objective(unconstrained):
-            log_f = expert.log_prob(constrain(fields, unconstrained), x, y)
-            return weighted_sum(log_f, omega) / total, None
+        def one_expert(unconstrained, weight):
+            # The objective is a sum of one term per expert, each in that expert's own parameters, so
+            # its Hessian is block diagonal: a Newton ascent per expert (vmapped) costs k times less
+            # differentiation than one over all experts, and each term still never decreases.
+            def objective(own):
+                single = {name: value[None] for name, value in constrain(fields, own).items()}
+                return weighted_sum(expert.log_prob(single, x, y)[:, 0], weight) / total, None
 
-        start = unconstrain(fields, params.expert)
-        free = {name: jnp.ones_like(value) for name, value in start.items()}
-        updated, _, _ = newton_ascent(
-            objective, start, free, config.expert_steps, config.max_halvings, tolerance=config.inner_tol
-        )
-        new = constrain(fields, updated)
+            def derivatives(own):
+                value, gradient, hessian, _ = expert.derivatives_one(own, x, y, weight)
+                return value / total, None, gradient / total, hessian / total
+
+            free = {name: jnp.ones_like(value) for name, value in unconstrained.items()}
+            updated, _, _ = newton_ascent(
+                objective, unconstrained, free, config.expert_steps, config.max_halvings,
+                derivatives=derivatives, tolerance=config.inner_tol,
+            )
+            return updated
+
+        new = constrain(fields, jax.vmap(one_expert, in_axes=(0, 1))(unconstrain(fields, params.expert), omega))
         for variance in fields_with_role(fields, "variance"):
             new[variance.name] = jnp.maximum(new[variance.name], config.variance_floor)
     per_expert_finite = jnp.stack(

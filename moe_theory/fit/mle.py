@@ -33,7 +33,8 @@ import optax
 
 from ..models import Family, canonicalize, log_likelihood
 from ..params import MoEParams
-from .newton import constrain, gate_free_mask, unconstrain
+from ..params import constrain, unconstrain
+from .newton import gate_free_mask
 from .settings import LBFGS_DEFAULTS
 from .solver import FitResult, all_finite, run_solver
 

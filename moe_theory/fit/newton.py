@@ -1,8 +1,9 @@
 """Unconstrained coordinates and the damped Newton ascent used by every M-step without a closed form.
 
-**Coordinates.** Fitters move in an unconstrained space: a ``positive`` field (variances ν, the
-temperature τ, Gaussian-gate weights w) through u = log v, a ``positive_definite`` field Γ through its
-log-Cholesky factor (Γ = LLᵀ, the diagonal of L stored as logs), and ``real`` fields unchanged.
+**Coordinates.** Fitters move in the unconstrained space of :func:`moe_theory.params.unconstrain`: a
+``positive`` field (variances ν, the temperature τ, Gaussian-gate weights w) through u = log v, a
+``positive_definite`` field Γ through its log-Cholesky factor (Γ = LLᵀ, the diagonal of L stored as
+logs), and ``real`` fields unchanged.
 
 **Free coordinates.** Some coordinates are fixed during fitting: the reference (last) expert's gate
 offset, and its slope where the gate is translatable, for softmax-type gates (the authors' convention
@@ -36,46 +37,7 @@ from jax.flatten_util import ravel_pytree
 from .. import linalg
 from ..gates import SCORES
 from ..models import Family
-from ..params import Field, field_with_role
-
-
-def _log_cholesky(matrix: jnp.ndarray) -> jnp.ndarray:
-    factor = linalg.cholesky(matrix)
-    diagonal = jnp.diagonal(factor, axis1=-2, axis2=-1)
-    return factor - jnp.vectorize(jnp.diag, signature="(d)->(d,d)")(diagonal - jnp.log(diagonal))
-
-
-def _from_log_cholesky(unconstrained: jnp.ndarray) -> jnp.ndarray:
-    lower = jnp.tril(unconstrained)
-    diagonal = jnp.diagonal(lower, axis1=-2, axis2=-1)
-    factor = lower + jnp.vectorize(jnp.diag, signature="(d)->(d,d)")(jnp.exp(diagonal) - diagonal)
-    return factor @ jnp.swapaxes(factor, -1, -2)
-
-
-def unconstrain(fields: tuple[Field, ...], group: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
-    """Map a parameter group to unconstrained coordinates."""
-    out = {}
-    for field in fields:
-        value = group[field.name]
-        if field.constraint == "positive":
-            value = jnp.log(value)
-        elif field.constraint == "positive_definite":
-            value = _log_cholesky(value)
-        out[field.name] = value
-    return out
-
-
-def constrain(fields: tuple[Field, ...], group: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
-    """Inverse of :func:`unconstrain`."""
-    out = {}
-    for field in fields:
-        value = group[field.name]
-        if field.constraint == "positive":
-            value = jnp.exp(value)
-        elif field.constraint == "positive_definite":
-            value = _from_log_cholesky(value)
-        out[field.name] = value
-    return out
+from ..params import field_with_role
 
 
 def gate_free_mask(family: Family, like: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:

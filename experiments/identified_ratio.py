@@ -1,0 +1,120 @@
+"""The error of the identified ratio β1/τ of a temperature gate, next to the errors of β1 and τ.
+
+A temperature gate whose score is affine in β1, act-free (softmax(β1·x/τ + β0) of paper 3, Nguyen,
+Akbarian & Ho, ICML 2024, arXiv 2401.13875; σ(β1·x/τ + β0) normalised, of paper 6, Pham et al., arXiv
+2602.01466; docs/studies/paper3_temperature.md, docs/studies/paper6_multinomial.md), sees (β1, τ) only
+through β1/τ, so the likelihood is exactly flat along (β1, τ) → (cβ1, cτ) and the errors of β1 and τ
+need not fall at all; what the data identify is the ratio. This script adds, to each arm of a
+committed run (read from its fits.parquet, nothing refitted),
+
+    err_ratio_atom<j> = max over the fitted atoms in true atom j's cell of ‖β̂1_i/τ̂ − β*1_j/τ*‖,
+
+with fitted atoms matched to true atoms by their expert parameters (every expert field), which the
+gates of both studies identify; and fits its rate, power law against 1/log(n)^λ, and, for
+comparison, the same for the errors of β1 and τ. For a gate that identifies β1 and τ separately
+(activation, Euclidean score) the ratio is computed the same way, as a control. Everything else
+(contrasts, sample complexity, the laws of every metric) is in the run's own report.
+
+    python experiments/identified_ratio.py --study paper3_temperature_vs_activation [--run RUN_DIR]
+    python experiments/identified_ratio.py --study paper6_temperature_vs_euclidean [--run RUN_DIR]
+
+Writes results/paper3/ratio_error.csv or results/paper6/ratio_error.csv (default: the newest run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import moe_theory as mt
+from moe_theory import arms, storage
+from moe_theory.rates import compare_power_vs_log, fit_rate
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = {"paper3_temperature_vs_activation": "paper3", "paper6_temperature_vs_euclidean": "paper6"}
+"""Study -> folder under results/ of its ratio_error.csv."""
+
+
+def _expert_vectors(config, table: pd.DataFrame, num_experts: int) -> np.ndarray:
+    """(rows, k, q): every expert field of each fitted expert, from the ``hat_<field>_<i>…`` columns."""
+    vectors = []
+    for i in range(num_experts):
+        columns = [column for field in config.true_family.expert.fields for column in table.columns
+                   if column == f"hat_{field.name}_{i}" or column.startswith(f"hat_{field.name}_{i}_")]
+        vectors.append(table[columns].to_numpy())
+    return np.stack(vectors, axis=1)
+
+
+def ratio_errors(config, table: pd.DataFrame) -> pd.DataFrame:
+    """(n, replicate, atom, value) of ‖β̂1/τ̂ − β*1/τ*‖ in each true atom's cell (k = k*)."""
+    truth = mt.canonicalize(config.true_family, config.truth)
+    true_ratio = np.asarray(truth.gate["beta1"]) / float(truth.gate["tau"])  # (k*, d)
+    true_expert = np.stack([np.concatenate([np.ravel(np.asarray(truth.expert[field.name][j]))
+                                            for field in config.true_family.expert.fields])
+                            for j in range(config.num_true)])  # (k*, q)
+    k = config.fitted_family(config.groups[0]).num_experts
+    dim = true_ratio.shape[1]
+    fitted_ratio = np.stack([np.stack([table[f"hat_beta1_{i}_{l}"] for l in range(dim)], axis=1) for i in range(k)],
+                            axis=1) / table["hat_tau"].to_numpy()[:, None, None]  # (rows, k, d)
+    fitted_expert = _expert_vectors(config, table, k)
+    cell = np.argmin(np.linalg.norm(fitted_expert[:, :, None, :] - true_expert[None, None], axis=-1), axis=-1)
+    frames = []
+    for atom, ratio in enumerate(true_ratio):
+        distance = np.linalg.norm(fitted_ratio - ratio, axis=-1)
+        error = np.where(cell == atom, distance, -np.inf).max(axis=1)
+        frames.append(pd.DataFrame({"n": table["n"], "replicate": table["replicate"], "atom": atom,
+                                    "value": np.where(np.isfinite(error), error, np.nan)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def describe(arm: str, quantity: str, series: pd.DataFrame, config) -> dict:
+    rates = config.rates
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # empty cells are counted in n_nonfinite
+        power = fit_rate(series, "value", rates.statistic, rates.n_boot, rates.ci, seed=0)
+        laws = compare_power_vs_log(series, "value", rates.statistic)
+    return {"arm": arm, "quantity": quantity, "slope": power.slope, "ci_low": power.ci_low, "ci_high": power.ci_high,
+            "lambda": laws.log_exponent, "aic_power_minus_log": laws.aic_difference, "preferred": laws.preferred,
+            "nonfinite": power.n_nonfinite}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", choices=sorted(OUTPUTS), required=True, help="the study whose run to read")
+    parser.add_argument("--run", type=Path, help="a run folder of configs/STUDY.yaml (default: the newest)")
+    parser.add_argument("--out", type=Path, help="output folder (default: results/paper3 or results/paper6)")
+    args = parser.parse_args()
+    study_name = args.study
+    out = args.out or ROOT / "results" / OUTPUTS[study_name]
+    run_dir = args.run or storage.latest_run(ROOT / "results", study_name)
+    if run_dir is None or not arms.is_arms_run(run_dir):
+        raise SystemExit(f"no run of {study_name} under results/{study_name}/; run `moe-theory run configs/{study_name}.yaml`")
+    study, members = arms.load_arms(run_dir)
+    records = []
+    for member in members:
+        table = storage.read_table(member.run_dir)
+        table = table[table["finite"].astype(bool)]
+        errors = ratio_errors(member.config, table)
+        for atom, series in errors.groupby("atom"):
+            if np.nanmax(series["value"]) > 1e-12:  # the reference atom's ratio is 0 by construction
+                records.append(describe(member.label, f"beta1/tau, atom {atom}", series.drop(columns="atom"), member.config))
+        slope_columns = [(f"err_beta1_atom{j}", f"beta1, atom {j}") for j in range(member.config.num_true)]
+        for column, quantity in slope_columns + [("err_tau", "tau")]:
+            series = table[["n", "replicate", column]].rename(columns={column: "value"})
+            if np.nanmax(series["value"]) > 1e-12:  # a reference slope held at 0 has no error to fit
+                records.append(describe(member.label, quantity, series, member.config))
+    results = pd.DataFrame.from_records(records)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "ratio_error.csv"
+    results.to_csv(path, index=False, float_format="%.6g")
+    with pd.option_context("display.width", 200):
+        print(results.round(3).to_string(index=False))
+    print(f"\nwrote {path} (run {run_dir})")
+
+
+if __name__ == "__main__":
+    main()
