@@ -18,7 +18,10 @@ comparison, the same for the errors of β1 and τ. For a gate that identifies β
     python experiments/identified_ratio.py --study paper3_temperature_vs_activation [--run RUN_DIR]
     python experiments/identified_ratio.py --study paper6_temperature_vs_euclidean [--run RUN_DIR]
 
-Writes results/paper3/ratio_error.csv or results/paper6/ratio_error.csv (default: the newest run).
+It also measures the flatness itself: the largest change of the true conditional log-density over
+5,000 draws from the truth when (β1, τ) moves to (cβ1, cτ), c = 1/2 and 2 (0 to rounding on a flat
+curve). Writes ratio_error.csv and flatness.csv to results/paper3/ or results/paper6/ (default: the
+newest run).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 import pandas as pd
 
@@ -71,6 +75,24 @@ def ratio_errors(config, table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+FLATNESS_SCALES = (0.5, 2.0)
+FLATNESS_DRAWS = 5000
+
+
+def flatness(label: str, config) -> list[dict]:
+    """max_j |log p(y_j | x_j; θ*) − log p(y_j | x_j; θ*_c)| over (x_j, y_j) drawn from the truth, where
+    θ*_c moves (β1, τ) to (cβ1, cτ): 0 to rounding when the likelihood is flat along that curve."""
+    family, truth = config.true_family, mt.canonicalize(config.true_family, config.truth)
+    x, y, _ = mt.sample(jax.random.key(0), family, truth, FLATNESS_DRAWS, config.inputs)
+    base = mt.log_likelihood(family, truth, x, y, reduce="none")
+    rows = []
+    for scale in FLATNESS_SCALES:
+        moved = mt.MoEParams({**truth.gate, "beta1": scale * truth.gate["beta1"], "tau": scale * truth.gate["tau"]}, truth.expert)
+        change = np.max(np.abs(np.asarray(mt.log_likelihood(family, moved, x, y, reduce="none") - base)))
+        rows.append({"arm": label, "scale_c": scale, "max_abs_log_density_change": float(change)})
+    return rows
+
+
 def describe(arm: str, quantity: str, series: pd.DataFrame, config) -> dict:
     rates = config.rates
     with warnings.catch_warnings():
@@ -94,8 +116,9 @@ def main() -> None:
     if run_dir is None or not arms.is_arms_run(run_dir):
         raise SystemExit(f"no run of {study_name} under results/{study_name}/; run `moe-theory run configs/{study_name}.yaml`")
     study, members = arms.load_arms(run_dir)
-    records = []
+    records, flat = [], []
     for member in members:
+        flat += flatness(member.label, member.config)
         table = storage.read_table(member.run_dir)
         table = table[table["finite"].astype(bool)]
         errors = ratio_errors(member.config, table)
@@ -113,7 +136,10 @@ def main() -> None:
     results.to_csv(path, index=False, float_format="%.6g")
     with pd.option_context("display.width", 200):
         print(results.round(3).to_string(index=False))
-    print(f"\nwrote {path} (run {run_dir})")
+    flat_path = out / "flatness.csv"
+    pd.DataFrame.from_records(flat).to_csv(flat_path, index=False, float_format="%.3g")
+    print(pd.DataFrame.from_records(flat).to_string(index=False))
+    print(f"\nwrote {path} and {flat_path} (run {run_dir})")
 
 
 if __name__ == "__main__":
