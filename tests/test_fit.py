@@ -68,30 +68,6 @@ def test_constant_gate_em_iterations_equal_sklearn_gaussian_mixture():
         assert int(ours.n_iter) == iterations and not bool(ours.converged)
 
 
-def test_one_multinomial_expert_equals_logistic_regression():
-    """k = 1 multinomial-logistic MoE is multinomial logistic regression; compare the MLE with sklearn."""
-    family = mt.make_family("softmax", "multinomial_logistic", 1, dim=2, num_classes=3)
-    truth = mt.make_params(
-        family,
-        {"gate": {"beta0": [0.0], "beta1": [[0.0, 0.0]]},
-         "expert": {"eta0": [[0.5, -0.3]], "eta1": [[[1.5, -1.0], [-0.5, 2.0]]]}},
-    )
-    x, y, _ = mt.sample(jax.random.key(2), family, truth, 4000, mt.make_inputs("normal"))
-    start = mt.make_params(
-        family,
-        {"gate": {"beta0": [0.0], "beta1": [[0.0, 0.0]]},
-         "expert": {"eta0": [[0.0, 0.0]], "eta1": np.zeros((1, 2, 2))}},
-    )
-    ours = fit_em(family, start, x, y, tol=1e-14, config=EMConfig(max_iter=200, expert_steps=5))
-    reference = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10_000).fit(np.asarray(x), np.asarray(y))
-    # sklearn uses all C classes; differences to the last class are our parametrisation.
-    np.testing.assert_allclose(ours.params.expert["eta1"][0], reference.coef_[:2] - reference.coef_[2], atol=1e-5)
-    np.testing.assert_allclose(ours.params.expert["eta0"][0], reference.intercept_[:2] - reference.intercept_[2], atol=1e-5)
-    log_probs = reference.predict_log_proba(np.asarray(x))[np.arange(len(y)), np.asarray(y)]
-    np.testing.assert_allclose(ours.log_likelihood, log_probs.mean(), rtol=1e-9)
-    assert bool(ours.converged)
-
-
 def test_em_and_direct_mle_agree(paper1):
     family, truth, x, y = paper1
     start = near_truth_init(jax.random.key(3), family, family, truth, x.shape[0])

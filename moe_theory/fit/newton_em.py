@@ -50,9 +50,8 @@ from jax.flatten_util import ravel_pytree
 
 from ..gates import log_gate_weights
 from ..models import Family, canonicalize
-from ..params import MoEParams
+from ..params import MoEParams, constrain, unconstrain
 from .em import EMData, e_step, expert_mstep, gate_derivatives, gate_mstep, prepare
-from ..params import constrain, unconstrain
 from .newton import damped_newton_direction, gate_free_mask
 from .settings import EMConfig
 from .solver import FitResult, all_finite
@@ -72,7 +71,6 @@ class NewtonEMState(NamedTuple):
     previous: jnp.ndarray
     iteration: jnp.ndarray
     finite: jnp.ndarray
-    newton_steps: jnp.ndarray  # iterations whose Newton point beat the EM point
 
 
 def _gate_coordinates(family: Family, gate_params):
@@ -83,7 +81,7 @@ def _gate_coordinates(family: Family, gate_params):
 def _expert_coordinates(family: Family, expert_params):
     """Each expert's unconstrained coordinates, (k, q), and the inverse map of one row."""
     unconstrained = unconstrain(family.expert.fields, expert_params)
-    first, unravel_one = ravel_pytree({name: value[0] for name, value in unconstrained.items()})
+    _, unravel_one = ravel_pytree({name: value[0] for name, value in unconstrained.items()})
     rows = jax.vmap(lambda i: ravel_pytree({name: value[i] for name, value in unconstrained.items()})[0])(
         jnp.arange(family.num_experts)
     )
@@ -102,7 +100,7 @@ def _expert_log_prob_one(family: Family, unravel_expert, row, x, y):
     return family.expert.log_prob(single, x, y)[:, 0]
 
 
-def _gradient_and_hessian(family: Family, config: EMConfig, params: MoEParams, data: EMData):
+def _gradient_and_hessian(family: Family, params: MoEParams, data: EMData):
     """∇ℓ and ∇²ℓ of ℓ = Σ_j w_j ℓ_j / Σ_j w_j in the coordinates (gate, expert 1, …, expert k).
 
     With a_{ji} = log π_i(x_j) + log f(y_j | x_j; η_i), r_{ji} = softmax_i(a_{ji}) and the score
@@ -124,10 +122,11 @@ def _gradient_and_hessian(family: Family, config: EMConfig, params: MoEParams, d
     def log_gate_of(flat):
         return log_gate_weights(family.gate, constrain(family.gate.fields, unravel_gate(flat)), x)
 
-    def with_value(function):
-        return jax.jacfwd(lambda u: (function(u), function(u)), has_aux=True)
+    def value_twice(flat):
+        value = log_gate_of(flat)
+        return value, value
 
-    gate_scores, log_gate = with_value(log_gate_of)(gate_flat)  # (n, k, p_gate), (n, k)
+    gate_scores, log_gate = jax.jacfwd(value_twice, has_aux=True)(gate_flat)  # (n, k, p_gate), (n, k)
     log_f = jax.vmap(lambda row: _expert_log_prob_one(family, unravel_expert, row, x, y))(expert_rows).T  # (n, k)
     joint = log_gate + log_f
     responsibility = jnp.exp(joint - jax.nn.logsumexp(joint, axis=-1, keepdims=True))
@@ -174,7 +173,7 @@ class NewtonEM:
         log_likelihood, _ = e_step(self.family, state.params, state.log_gate, data.x, data.y, data.weights, data.total)
         nan = jnp.full_like(log_likelihood, jnp.nan)
         finite = state.finite & jnp.isfinite(log_likelihood)
-        return data, NewtonEMState(state.params, state.log_gate, log_likelihood, nan, state.iteration, finite, jnp.asarray(0))
+        return data, NewtonEMState(state.params, state.log_gate, log_likelihood, nan, state.iteration, finite)
 
     def step(self, data: EMData, state: NewtonEMState, active) -> NewtonEMState:
         del active
@@ -188,7 +187,7 @@ class NewtonEM:
         em_value, _ = e_step(family, em_params, em_log_gate, x, y, weights, total)
 
         gate_flat, unravel_gate, expert_rows, unravel_expert, gradient, hessian = _gradient_and_hessian(
-            family, config, state.params, data
+            family, state.params, data
         )
         flat = jnp.concatenate([gate_flat, expert_rows.reshape(-1)])
         flat_free = jnp.concatenate(
@@ -232,7 +231,6 @@ class NewtonEM:
             previous=state.log_likelihood,
             iteration=state.iteration + 1,
             finite=jnp.isfinite(value) & all_finite(params),
-            newton_steps=state.newton_steps + use_newton.astype(state.newton_steps.dtype),
         )
 
     def finish(self, data: EMData, state: NewtonEMState, converged) -> FitResult:
