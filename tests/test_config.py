@@ -151,3 +151,9 @@ def test_sample_size_specs_concatenate_round_and_deduplicate():
 def test_missing_file_and_invalid_yaml(tmp_path):
     assert "no such config file" in error_of(tmp_path / "absent.yaml")
     assert "not valid YAML" in error_of(write(tmp_path, "name: [unclosed\n"))
+
+
+def test_joint_likelihood_refuses_conditional_only_methods():
+    path = CONFIGS / "paper8_gaussian_gate.yaml"
+    message = error_of(path, ["fit.method=[em, em_newton, mle]"])
+    assert "fit.method: ['em_newton', 'mle'] maximise the conditional likelihood; with fit.likelihood: joint use 'em'" in message
