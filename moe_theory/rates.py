@@ -594,6 +594,8 @@ PAPERS: dict[int, str] = {
     6: "[6] Pham, Cao, Nguyen, Nguyen, Ho, Rinaldo, arXiv 2602.01466",
     7: "[7] Nguyen, Pham, Cao, Dinh, Nguyen, Ho, Rinaldo, arXiv 2602.01468",
     8: "[8] Nguyen, Nguyen, Nguyen, Ho, AISTATS 2024, arXiv 2305.07572",
+    9: "[9] Nguyen, Han, Harris, Saria, Ho, arXiv 2410.02935",
+    10: "[10] Nguyen, Ho, Rinaldo, ICML 2024, arXiv 2402.02952",
 }
 
 
@@ -733,6 +735,21 @@ def _other_rates() -> list[TheoreticalRate]:
             "multi_head_self_attention", "any", "expert_parameters", None, PAPERS[7],
             "multi-head self-attention viewed as a hierarchical MoE: exponential sample "
             "complexity (gated attention is polynomial, exponent not stated)",
+        ),
+        TheoreticalRate(
+            "gated_attention", "any", "expert_parameters", None, PAPERS[7],
+            "gated attention (sigmoid gate at the SDPA output or the value map) viewed as a hierarchical MoE: "
+            "polynomial sample complexity for expert estimation, exponent not stated",
+        ),
+        TheoreticalRate(
+            "hierarchical_softmax_softmax", "any", "expert_error", None, PAPERS[9],
+            "two-level HMoE with softmax gates at both levels: the slower expert estimation that Laplace gates improve on "
+            "(exponents not transcribed)",
+        ),
+        TheoreticalRate(
+            "hierarchical_laplace", "any", "expert_error", None, PAPERS[9],
+            "two-level HMoE with a Laplace gate at one or both levels: faster expert estimation than softmax–softmax "
+            "(exponents not transcribed)",
         ),
         TheoreticalRate(
             "gaussian_gated_gaussian", "any", "D", -1 / 2, PAPERS[8],

@@ -1,0 +1,583 @@
+"""Rate studies of structured models: hierarchical MoE (density, EM) and attention entries (regression,
+least squares) (``docs/hierarchical.md``, ``docs/attention.md``).
+
+The flat sweep (:mod:`moe_theory.sweep`) runs studies of one gate × one expert; these models have
+nested gates or tied parameters, so they get this runner, which keeps the sweep's guarantees:
+
+* **Cells.** A cell is one arm at one sample size n. For replicate r its data come from the key
+  root → DATA → n → r, and its start from root → START → r, the same at every n: starts do not
+  depend on n, so a fit's error at n measures the estimator, not a start that tightens with n.
+  Arms of one study share their datasets where they share a truth (common random numbers).
+* **Stored at once, resumable.** Each finished cell is written atomically to ``parts/`` of the run
+  folder; ``--resume RUN_DIR`` computes only the missing cells, and refuses a config that differs
+  from the one the folder was started with (every setting that changes a number is in it).
+* **Reproducible.** Replicates go through the fit program in chunks of ``batch_size``; a last
+  partial chunk is filled with the next replicate ids (computed and dropped), so a row never depends
+  on the number of replicates, and adding a size or a replicate leaves every stored row unchanged.
+* **Nothing dropped.** Every fit is a row with ``converged``, ``finite`` and ``n_iter``; a
+  non-finite fit has NaN errors, and the report gives the converged fraction per cell. Rates use the
+  finite fits; the median makes them robust to a few bad ones.
+
+The report (:func:`report`) fits, per arm and per true expert, the log-log slope of the mean and the
+median expert error with bootstrap CIs, a power law against 1/log(n)^λ (:mod:`moe_theory.rates`),
+sample-complexity curves and the ratio of each arm's n(ε) to the reference arm's with paired
+bootstrap CIs (:mod:`moe_theory.complexity`).
+
+Configs are YAML; ``configs/paper7_gated_attention.yaml`` and ``configs/paper9_laplace_hmoe.yaml``
+are the shipped ones. Run: ``python -m moe_theory.structured CONFIG [--resume RUN_DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import yaml
+
+from . import attention, hierarchical, storage
+from .complexity import sample_complexity_curve, sample_complexity_ratio
+from .fit.least_squares import LeastSquaresConfig, LevenbergMarquardt
+from .fit.settings import EMConfig
+from .fit.solver import run_solver
+from .gates import SCORES
+from .rates import compare_power_vs_log, fit_rate
+from .sampling import make_inputs
+
+DATA_STREAM, START_STREAM, ERROR_STREAM = 1, 2, 3
+KINDS = ("attention", "hmoe")
+ARM_KEYS = {
+    "attention": {"name", "position", "heads", "compare_to"},
+    "hmoe": {"name", "outer_gate", "inner_gate", "extra_experts", "compare_to"},
+}
+"""The keys an arm of each kind may set; ``compare_to`` names the arm its sample complexity is
+divided by (default: the study's ``reference_arm``)."""
+
+
+TOP_KEYS = {"name", "description", "kind", "claim", "seed", "sample_sizes", "replicates", "batch_size", "error_draws",
+            "reference_arm", "truth", "fit", "arms"}
+FIT_KEYS = {"max_iter", "tol", "start_scale"}
+PROSE_KEYS = {"description", "claim"}
+"""Keys that change no number: a resumed run may differ from its folder's config in these alone."""
+
+
+class StudyConfigError(ValueError):
+    """A structured-study config is malformed; the message names the file and the key."""
+
+
+def _require(mapping: Mapping, key: str, where: str, path: Path, kind=None):
+    if key not in mapping:
+        raise StudyConfigError(f"{path}: {where}{key}: missing")
+    value = mapping[key]
+    if kind is not None and not isinstance(value, kind):
+        raise StudyConfigError(f"{path}: {where}{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def _positive_int(mapping: Mapping, key: str, where: str, path: Path, default=None) -> int:
+    value = mapping.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise StudyConfigError(f"{path}: {where}{key}: expected a positive integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: a name and its settings (the attention gate position or the HMoE gate pair) and the
+    fitted size (heads, or experts per group), exact or over-specified."""
+
+    name: str
+    settings: tuple  # sorted (key, value) pairs of the arm's config entry
+
+
+@dataclass
+class StudyConfig:
+    path: Path
+    raw: dict
+    name: str
+    kind: str
+    claim: str
+    seed: int
+    sample_sizes: tuple[int, ...]
+    replicates: int
+    batch_size: int
+    arms: tuple[dict, ...]
+    reference: str
+    error_draws: int
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Read and check a structured-study config; every error names the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise StudyConfigError(f"{path}: cannot read the config ({error})") from None
+    if not isinstance(raw, dict):
+        raise StudyConfigError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise StudyConfigError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(TOP_KEYS)}")
+    fit = raw.get("fit", {})
+    if not isinstance(fit, dict) or set(fit) - FIT_KEYS:
+        raise StudyConfigError(f"{path}: fit: expected a mapping with some of {sorted(FIT_KEYS)}, got {fit!r}")
+    kind = _require(raw, "kind", "", path, str)
+    if kind not in KINDS:
+        raise StudyConfigError(f"{path}: kind: expected one of {KINDS}, got {kind!r}")
+    sizes = _require(raw, "sample_sizes", "", path, list)
+    if len(sizes) < 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 10 for n in sizes):
+        raise StudyConfigError(f"{path}: sample_sizes: expected at least 3 integers ≥ 10, got {sizes!r}")
+    if len(set(sizes)) != len(sizes):
+        raise StudyConfigError(f"{path}: sample_sizes: repeated sizes in {sizes!r}")
+    arms = _require(raw, "arms", "", path, list)
+    names = []
+    for i, arm in enumerate(arms):
+        if not isinstance(arm, dict) or not isinstance(arm.get("name"), str):
+            raise StudyConfigError(f"{path}: arms[{i}]: expected a mapping with a string 'name'")
+        names.append(arm["name"])
+    if len(set(names)) != len(names):
+        raise StudyConfigError(f"{path}: arms: repeated arm names {names}")
+    reference = raw.get("reference_arm", names[0])
+    if reference not in names:
+        raise StudyConfigError(f"{path}: reference_arm: expected one of {names}, got {reference!r}")
+    for arm in arms:
+        unknown = sorted(set(arm) - ARM_KEYS[kind])
+        if unknown:
+            raise StudyConfigError(f"{path}: arms[{arm['name']}]: unknown key(s) {unknown}; expected some of {sorted(ARM_KEYS[kind])}")
+        if arm.get("compare_to", reference) not in names:
+            raise StudyConfigError(f"{path}: arms[{arm['name']}].compare_to: expected one of {names}, got {arm['compare_to']!r}")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise StudyConfigError(f"{path}: seed: expected an integer in [0, 2^32), got {seed!r}")
+    config = StudyConfig(
+        path=path, raw=raw, name=_require(raw, "name", "", path, str), kind=kind,
+        claim=str(raw.get("claim", "")).strip(), seed=seed, sample_sizes=tuple(sorted(sizes)),
+        replicates=_positive_int(raw, "replicates", "", path), batch_size=_positive_int(raw, "batch_size", "", path, 10),
+        arms=tuple(arms), reference=reference, error_draws=_positive_int(raw, "error_draws", "", path, 4096),
+    )
+    for arm in config.arms:
+        _problem(config, arm)  # builds every arm once, so a bad truth or arm fails before any fit
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems: what a cell samples, fits and scores, per kind.
+
+
+@dataclass(frozen=True)
+class AttentionMean:
+    """The attention entry as the hashable mean function least squares fits."""
+
+    model: attention.AttentionModel
+
+    def __call__(self, params, X):
+        return attention.entry(self.model, params, X)
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """Attention entry with the gate at ``position``, truth with H* heads, fitted with ``heads`` heads."""
+
+    true_model: attention.AttentionModel
+    fitted_heads: int
+    noise: float
+    start_scale: float
+    solver: LevenbergMarquardt
+    tol: float = 1e-10
+    error_draws: int = 4096
+
+    def sample(self, key, truth, n):
+        return attention.sample(key, self.true_model, truth, n, self.noise)
+
+    def start(self, key, truth):
+        """The truth, with the last head split into ``fitted_heads − H* + 1`` copies that share its
+        value map (u/copies each, so the function is unchanged), then every coordinate + N(0, scale²)."""
+        extra = self.fitted_heads - self.true_model.heads
+        copies = extra + 1
+        value = truth.value.at[-1].divide(copies)
+        grow = lambda a: jnp.concatenate([a] + [a[-1:]] * extra, axis=0) if extra else a  # noqa: E731
+        gate = grow(truth.gate) if self.true_model.position in ("sdpa", "value") else truth.gate
+        start = attention.AttentionParams(grow(truth.score), grow(value), gate)
+        leaves, treedef = jax.tree_util.tree_flatten(start)
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree_util.tree_unflatten(
+            treedef, [leaf + self.start_scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
+        )
+
+    def fit(self, params0, data):
+        X, y = data
+        return run_solver(self.solver, params0, X, y, None, self.tol)
+
+    def error_inputs(self, key, truth):
+        return attention.sample(key, self.true_model, truth, self.error_draws, 0.0)[0]
+
+    def score(self, fitted, truth, X) -> dict[str, jnp.ndarray]:
+        errors = attention.attention_errors(self.true_model, fitted, truth, X)
+        return {"expert_error": errors.expert_error, "score_error": errors.score_error,
+                "value_error": errors.value_error, "cell_size": errors.cell_size}
+
+
+@dataclass(frozen=True)
+class HMoEProblem:
+    """HMoE with G* groups of J* experts, fitted with ``extra`` more experts per group."""
+
+    true_family: hierarchical.HierarchicalFamily
+    extra: int
+    inputs: Any
+    start_scale: float
+    solver: hierarchical.HierarchicalEM
+    tol: float = 1e-10
+    error_draws: int = 4096
+
+    def sample(self, key, truth, n):
+        x, y, _ = hierarchical.sample(key, self.true_family, truth, n, self.inputs)
+        return x, y
+
+    def start(self, key, truth):
+        """The truth with the last expert of every group split into ``extra + 1`` copies of equal
+        inner weight (offsets − log(extra + 1): the density is unchanged), then perturbed
+        (:func:`moe_theory.hierarchical.perturbed_start`)."""
+        inner = dict(truth.inner)
+        if self.extra:
+            offset = SCORES[self.true_family.inner_gate.score].offset_field.name
+            inner[offset] = inner[offset].at[:, -1].add(-jnp.log(self.extra + 1.0))
+        split = hierarchical.HMoEParams(truth.outer, inner, truth.expert)
+        return hierarchical.perturbed_start(key, self.true_family, split, self.start_scale, self.extra)
+
+    def fit(self, params0, data):
+        x, y = data
+        return run_solver(self.solver, params0, x, y, None, self.tol)
+
+    def error_inputs(self, key, truth):
+        return key
+
+    def score(self, fitted, truth, key) -> dict[str, jnp.ndarray]:
+        errors = hierarchical.hierarchical_errors(key, self.true_family, fitted, truth, self.inputs, self.error_draws)
+        out = {"expert_error": errors.expert_error, "cell_size": errors.cell_size}
+        out.update({f"{name}_error": value for name, value in errors.block_error.items()})
+        return out
+
+
+def _problem(config: StudyConfig, arm: Mapping[str, Any]):
+    """(problem, truth) of one arm; errors name the file and the key."""
+    raw, path = config.raw, config.path
+    where = f"arms[{arm['name']}]."
+    fit = raw.get("fit", {})
+    truth_spec = _require(raw, "truth", "", path, dict)
+    try:
+        if config.kind == "attention":
+            position = arm.get("position")
+            true_model = attention.AttentionModel(
+                position, _positive_int(truth_spec, "heads", "truth.", path), _positive_int(truth_spec, "dim", "truth.", path),
+                _positive_int(truth_spec, "tokens", "truth.", path), truth_spec.get("query", 0),
+            )
+            values = {"score": truth_spec.get("score"), "value": truth_spec.get("value")}
+            if position is not None:
+                values["gate"] = _require(truth_spec.get("gates", {}), position, "truth.gates.", path)
+            truth = attention.make_attention_params(true_model, values)
+            heads = _positive_int(arm, "heads", where, path, true_model.heads)
+            if heads < true_model.heads:
+                raise StudyConfigError(f"{path}: {where}heads: expected ≥ the true {true_model.heads} heads, got {heads}")
+            solver = LevenbergMarquardt(AttentionMean(true_model.with_heads(heads)),
+                                        LeastSquaresConfig(max_iter=_positive_int(fit, "max_iter", "fit.", path, 1000)))
+            problem = AttentionProblem(true_model, heads, float(truth_spec.get("noise", 0.1)),
+                                       float(fit.get("start_scale", 0.1)), solver, float(fit.get("tol", 1e-10)),
+                                       config.error_draws)
+            return problem, truth
+        family = hierarchical.make_hierarchical_family(
+            _require(arm, "outer_gate", where, path), _require(arm, "inner_gate", where, path),
+            truth_spec.get("expert", "gaussian"), _positive_int(truth_spec, "groups", "truth.", path),
+            _positive_int(truth_spec, "experts_per_group", "truth.", path), _positive_int(truth_spec, "dim", "truth.", path),
+        )
+        truth = hierarchical.make_hmoe_params(family, _require(truth_spec, "params", "truth.", path, dict))
+        extra = arm.get("extra_experts", 0)
+        if not isinstance(extra, int) or isinstance(extra, bool) or extra < 0:
+            raise StudyConfigError(f"{path}: {where}extra_experts: expected a non-negative integer, got {extra!r}")
+        fitted_family = hierarchical.grown_family(family, extra)
+        solver = hierarchical.HierarchicalEM(fitted_family, EMConfig(max_iter=_positive_int(fit, "max_iter", "fit.", path, 1000)))
+        problem = HMoEProblem(family, extra, make_inputs(truth_spec.get("inputs", "uniform")),
+                              float(fit.get("start_scale", 0.1)), solver, float(fit.get("tol", 1e-10)), config.error_draws)
+        return problem, truth
+    except StudyConfigError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise StudyConfigError(f"{path}: {where.rstrip('.')}: {error}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Running cells.
+
+
+_PROGRAMS: dict = {}
+"""Compiled cell programs by (kind, problem, n, seed, truth bytes): a repeated or resumed run in the
+same process compiles nothing again."""
+
+
+def _fingerprint(tree) -> tuple:
+    return tuple((leaf.shape, np.asarray(leaf).tobytes()) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _fit_program(problem, truth, seed: int, n: int):
+    """Sample → start → fit of a chunk of replicate ids at size n, vmapped and jitted, with the truth
+    and the root key as constants of the program."""
+    cache_key = ("fit", problem, n, seed, _fingerprint(truth))
+    if cache_key not in _PROGRAMS:
+        root = jax.random.key(seed)
+
+        def one(replicate):
+            data_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(root, DATA_STREAM), n), replicate)
+            start_key = jax.random.fold_in(jax.random.fold_in(root, START_STREAM), replicate)
+            return problem.fit(problem.start(start_key, truth), problem.sample(data_key, truth, n))
+
+        _PROGRAMS[cache_key] = jax.jit(jax.vmap(one))
+    return _PROGRAMS[cache_key]
+
+
+def _score_program(problem, truth, seed: int):
+    cache_key = ("score", problem, seed, _fingerprint(truth))
+    if cache_key not in _PROGRAMS:
+        error_inputs = problem.error_inputs(jax.random.fold_in(jax.random.key(seed), ERROR_STREAM), truth)
+        _PROGRAMS[cache_key] = jax.jit(lambda fitted: problem.score(fitted, truth, error_inputs))
+    return _PROGRAMS[cache_key]
+
+
+def _run_cell(config: StudyConfig, arm: Mapping, n: int) -> pd.DataFrame:
+    problem, truth = _problem(config, arm)
+    program, score = _fit_program(problem, truth, config.seed, n), _score_program(problem, truth, config.seed)
+    rows = []
+    started = time.perf_counter()
+    for first in range(0, config.replicates, config.batch_size):
+        ids = jnp.arange(first, first + config.batch_size)
+        result = jax.block_until_ready(program(ids))
+        scores = jax.tree_util.tree_map(np.asarray, score(result.params))
+        for i, replicate in enumerate(np.asarray(ids)):
+            if replicate >= config.replicates:
+                continue
+            row = {"arm": arm["name"], "n": n, "replicate": int(replicate),
+                   "converged": bool(result.converged[i]), "finite": bool(result.finite[i]),
+                   "n_iter": int(result.n_iter[i]), "objective": float(result.log_likelihood[i])}
+            for name, values in scores.items():
+                for j, value in enumerate(values[i]):
+                    row[f"{name}_{j}"] = float(value) if row["finite"] or name == "cell_size" else np.nan
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame["cell_seconds"] = time.perf_counter() - started
+    return frame
+
+
+def _cell_name(arm: Mapping, n: int) -> str:
+    return f"{arm['name']}__n{n}"
+
+
+def _numeric(raw: dict) -> dict:
+    return {key: value for key, value in raw.items() if key not in PROSE_KEYS}
+
+
+def run(config_path: str | Path, results_root: str | Path = "results", resume: str | Path | None = None) -> Path:
+    """Run (or resume) a structured study; returns the run folder, with ``fits.parquet`` and the report."""
+    config = load_config(config_path)
+    text = Path(config_path).read_text(encoding="utf-8")
+    if resume is None:
+        run_dir = Path(results_root) / config.name / storage.new_run_id()
+        run_dir.mkdir(parents=True)
+        storage.write_text(run_dir / storage.CONFIG_FILE, text)
+    else:
+        run_dir = Path(resume)
+        stored = run_dir / storage.CONFIG_FILE
+        if not stored.is_file():
+            raise StudyConfigError(f"{run_dir}: not a run folder (no {storage.CONFIG_FILE})")
+        stored_raw = yaml.safe_load(stored.read_text(encoding="utf-8"))
+        if not isinstance(stored_raw, dict) or _numeric(stored_raw) != _numeric(config.raw):
+            raise StudyConfigError(
+                f"{run_dir}: its {storage.CONFIG_FILE} differs from {config_path}; a resumed run must use the same "
+                "config (start a new run, or copy the stored config back)"
+            )
+    with storage.RunLock(run_dir):
+        finished = storage.finished_parts(run_dir)
+        if (run_dir / storage.TABLE_FILE).is_file():
+            finished |= {_cell_name({"name": a}, n) for a, n in
+                         pd.read_parquet(run_dir / storage.TABLE_FILE)[["arm", "n"]].drop_duplicates().itertuples(index=False)}
+        meta = storage.read_meta(run_dir) or {"name": config.name, "sessions": [], "environment": storage.environment(),
+                                               "git": storage.git_state()}
+        session = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "cells": 0, "seconds": 0.0}
+        meta["sessions"].append(session)
+        started = time.perf_counter()
+        for n in config.sample_sizes:
+            for arm in config.arms:
+                name = _cell_name(arm, n)
+                if name in finished:
+                    continue
+                frame = _run_cell(config, arm, n)
+                storage.write_part(run_dir, name, frame)
+                session["cells"] += 1
+                session["seconds"] = time.perf_counter() - started
+                storage.write_meta(run_dir, meta)
+                print(f"{name}: {frame['converged'].mean():.0%} converged, {frame['cell_seconds'].iloc[0]:.1f} s", flush=True)
+        parts = storage.read_parts(run_dir)
+        table = parts if parts is not None else pd.DataFrame()
+        if (run_dir / storage.TABLE_FILE).is_file():
+            table = pd.concat([pd.read_parquet(run_dir / storage.TABLE_FILE), table], ignore_index=True)
+        table = table.sort_values(["arm", "n", "replicate"], kind="stable").reset_index(drop=True)
+        storage.merge_table(run_dir, table)
+        session["status"] = "finished"
+        storage.write_meta(run_dir, meta)
+    report(run_dir)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# The report.
+
+
+def _series(table: pd.DataFrame, arm: str, column: str) -> pd.DataFrame:
+    rows = table[(table["arm"] == arm) & table["finite"]]
+    return rows[["n", "replicate", column]].rename(columns={column: "value"})
+
+
+def report(run_dir: str | Path, n_boot: int = 1000) -> Path:
+    """Write ``rates.csv``, ``cells.csv``, ``complexity.csv``, the figures and ``report.md`` of a run."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / storage.CONFIG_FILE)
+    table = pd.read_parquet(run_dir / storage.TABLE_FILE)
+    error_columns = sorted(c for c in table.columns if c.startswith("expert_error_"))
+    table["expert_error_worst"] = table[error_columns].max(axis=1, skipna=False)
+    measured = error_columns + ["expert_error_worst"]
+    arm_names = [arm["name"] for arm in config.arms]
+
+    cells = table.groupby(["arm", "n"], sort=False).agg(
+        fits=("converged", "size"), converged=("converged", "mean"), finite=("finite", "mean"),
+        median_iterations=("n_iter", "median"), seconds=("cell_seconds", "first"),
+        mean_worst_error=("expert_error_worst", "mean"), median_worst_error=("expert_error_worst", "median"),
+    ).reset_index()
+    cells.to_csv(run_dir / "cells.csv", index=False)
+
+    rates = []
+    for arm in arm_names:
+        for column in measured:
+            series = _series(table, arm, column)
+            row = {"arm": arm, "quantity": column}
+            for statistic in ("mean", "median"):
+                fit = fit_rate(series, statistic=statistic, n_boot=n_boot)
+                row.update({f"slope_{statistic}": fit.slope, f"ci_low_{statistic}": fit.ci_low, f"ci_high_{statistic}": fit.ci_high})
+            laws = compare_power_vs_log(series, statistic="median")
+            row.update({"preferred_law": laws.preferred, "aic_power_minus_log": laws.aic_difference,
+                        "log_exponent": laws.log_exponent})
+            rates.append(row)
+    rates = pd.DataFrame(rates)
+    rates.to_csv(run_dir / "rates.csv", index=False)
+
+    ratios = []
+    for arm in config.arms:
+        against = arm.get("compare_to", config.reference)
+        if arm["name"] == against:
+            continue
+        reference = _series(table, against, "expert_error_worst")
+        reference_median = reference.groupby("n")["value"].median()
+        epsilons = np.geomspace(reference_median.min() * 1.05, reference_median.max() * 0.95, 4)
+        ratio = sample_complexity_ratio(reference, _series(table, arm["name"], "expert_error_worst"), "value", epsilons,
+                                        statistic="median", n_boot=n_boot)
+        ratio.insert(0, "reference", against)
+        ratio.insert(0, "arm", arm["name"])
+        ratios.append(ratio)
+    ratios = pd.concat(ratios, ignore_index=True) if ratios else pd.DataFrame()
+    ratios.to_csv(run_dir / "complexity_ratios.csv", index=False)
+    reference_median = _series(table, config.reference, "expert_error_worst").groupby("n")["value"].median()
+    epsilons = np.geomspace(reference_median.min() * 1.05, reference_median.max() * 0.95, 4)
+    curves = []
+    for arm in arm_names:
+        curve = sample_complexity_curve(_series(table, arm, "expert_error_worst"), "value", epsilons, statistic="median", n_boot=n_boot)
+        curves.append(pd.DataFrame({"arm": arm, "epsilon": curve.epsilon, "n": curve.n, "lower": curve.lower,
+                                    "upper": curve.upper, "status": curve.status}))
+    pd.concat(curves, ignore_index=True).to_csv(run_dir / "complexity.csv", index=False)
+    _figure(run_dir, config, table, arm_names)
+    _write_report(run_dir, config, cells, rates, ratios)
+    return run_dir
+
+
+def _figure(run_dir: Path, config: StudyConfig, table: pd.DataFrame, arm_names: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = run_dir / storage.FIGURES_DIR
+    figures.mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for arm in arm_names:
+        series = _series(table, arm, "expert_error_worst").groupby("n")["value"]
+        median, low, high = series.median(), series.quantile(0.25), series.quantile(0.75)
+        line = ax.loglog(median.index, median.values, marker="o", label=arm)[0]
+        ax.fill_between(median.index, low.values, high.values, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("sample size n")
+    ax.set_ylabel("worst expert error (median, IQR band)")
+    ax.set_title(config.name)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    for suffix in ("png", "pdf"):
+        fig.savefig(figures / f"expert_error.{suffix}", dpi=130)
+    plt.close(fig)
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[{low:.2f}, {high:.2f}]"
+
+
+def _write_report(run_dir: Path, config: StudyConfig, cells, rates, ratios) -> None:
+    meta = storage.read_meta(run_dir)
+    seconds = sum(session.get("seconds", 0.0) for session in meta.get("sessions", []))
+    lines = [f"# {config.name}", "", config.claim, "",
+             f"Sizes {list(config.sample_sizes)}, {config.replicates} replicates, seed {config.seed}; "
+             f"compute {seconds / 60:.1f} min over {len(meta.get('sessions', []))} session(s).", "",
+             "## Arms", "", "| arm | settings | converged | finite | slope (median) [95% CI] | slope (mean) [95% CI] | law (AIC) |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in config.arms:
+        name = arm["name"]
+        settings = ", ".join(f"{k}={v}" for k, v in arm.items() if k != "name")
+        arm_cells = cells[cells["arm"] == name]
+        rate = rates[(rates["arm"] == name) & (rates["quantity"] == "expert_error_worst")].iloc[0]
+        lines.append(
+            f"| {name} | {settings} | {arm_cells['converged'].mean():.0%} | {arm_cells['finite'].mean():.0%} | "
+            f"{rate['slope_median']:.3f} {_interval(rate['ci_low_median'], rate['ci_high_median'])} | "
+            f"{rate['slope_mean']:.3f} {_interval(rate['ci_low_mean'], rate['ci_high_mean'])} | "
+            f"{rate['preferred_law']} ({rate['aic_power_minus_log']:+.1f}) |"
+        )
+    lines += ["", "Law: the AIC-preferred of a power law and 1/log(n)^λ for the median worst expert error "
+              "(AIC(power) − AIC(log) in brackets; positive favours the log law).", "",
+              "## Sample complexity against the compared arm", "",
+              "n(ε) is the smallest n from which the median worst expert error stays ≤ ε (interpolated on log "
+              "scales); the ratio is n_arm(ε)/n_reference(ε), < 1 when the arm needs fewer samples.", "",
+              "| arm | reference | ε | n(ε) reference | n(ε) arm | ratio [95% CI] | statuses |", "|---|---|---|---|---|---|---|"]
+    for row in ratios.itertuples(index=False):
+        lines.append(f"| {row.arm} | {row.reference} | {row.epsilon:.3g} | {row.n_a:.0f} | {row.n_b:.0f} | {row.ratio:.2f} "
+                     f"{_interval(row.ratio_low, row.ratio_high)} | {row.status_a}/{row.status_b} |")
+    lines += ["", "## Cells", "", "| " + " | ".join(cells.columns) + " |", "|" + "---|" * len(cells.columns)]
+    for row in cells.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    lines.append("")
+    storage.write_text(run_dir / storage.REPORT_FILE, "\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_theory.structured", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="a structured-study YAML config (configs/paper7_gated_attention.yaml, ...)")
+    parser.add_argument("--resume", help="a run folder of this config to complete")
+    parser.add_argument("--results", default="results", help="results root (default: results)")
+    args = parser.parse_args(argv)
+    try:
+        run_dir = run(args.config, args.results, args.resume)
+    except (StudyConfigError, storage.RunFolderError) as error:
+        print(f"error: {error}")
+        return 2
+    print(f"results: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

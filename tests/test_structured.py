@@ -1,0 +1,140 @@
+"""The structured-study runner (moe_theory.structured): config errors, resume, reproducibility."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from moe_theory import structured
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+TINY = {
+    "name": "tiny_attention",
+    "kind": "attention",
+    "claim": "runner test",
+    "seed": 3,
+    "sample_sizes": [60, 120, 240],
+    "replicates": 3,
+    "batch_size": 2,
+    "error_draws": 256,
+    "truth": {
+        "heads": 1, "dim": 2, "tokens": 3, "noise": 0.1,
+        "score": [[[1.0, 0.5], [-0.5, 1.0]]], "value": [[1.0, -0.5]],
+        "gates": {"value": [[1.0, -1.0]]},
+    },
+    "fit": {"max_iter": 30, "tol": 1.0e-10, "start_scale": 0.1},
+    "arms": [{"name": "mhsa", "position": None}, {"name": "value", "position": "value", "compare_to": "mhsa"}],
+}
+
+
+def _write(tmp_path: Path, config: dict, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    run_dir = structured.run(_write(tmp, TINY), tmp / "results")
+    return run_dir, pd.read_parquet(run_dir / "fits.parquet")
+
+
+def test_every_fit_is_a_row_and_the_report_is_written(full_run):
+    run_dir, table = full_run
+    assert len(table) == 2 * 3 * 3
+    assert set(table.columns) >= {"arm", "n", "replicate", "converged", "finite", "n_iter", "expert_error_0", "cell_seconds"}
+    assert table["finite"].all()
+    rates = pd.read_csv(run_dir / "rates.csv")
+    assert set(rates["arm"]) == {"mhsa", "value"}
+    ratios = pd.read_csv(run_dir / "complexity_ratios.csv")
+    assert set(ratios["arm"]) == {"value"} and set(ratios["reference"]) == {"mhsa"}
+    report = (run_dir / "report.md").read_text()
+    assert "runner test" in report and "| mhsa |" in report
+    assert (run_dir / "figures" / "expert_error.png").is_file()
+
+
+def test_more_replicates_leave_existing_rows_bit_identical(full_run, tmp_path):
+    _, table = full_run
+    bigger = structured.run(_write(tmp_path, {**TINY, "replicates": 4}), tmp_path / "results")
+    grown = pd.read_parquet(bigger / "fits.parquet")
+    assert len(grown) == 2 * 3 * 4
+    kept = grown[grown["replicate"] < 3].reset_index(drop=True).drop(columns="cell_seconds")
+    pd.testing.assert_frame_equal(kept, table.drop(columns="cell_seconds"), check_exact=True)
+
+
+def test_an_interrupted_run_resumes_without_redoing_cells(full_run, tmp_path, monkeypatch):
+    _, table = full_run
+    config = _write(tmp_path, TINY)
+    real = structured._run_cell
+    calls = []
+
+    def interrupted(config_, arm, n):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append((arm["name"], n))
+        return real(config_, arm, n)
+
+    monkeypatch.setattr(structured, "_run_cell", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        structured.run(config, tmp_path / "results")
+    run_dir = next((tmp_path / "results" / "tiny_attention").iterdir())
+    assert len(list((run_dir / "parts").glob("*.parquet"))) == 2
+
+    resumed_calls = []
+
+    def counting(config_, arm, n):
+        resumed_calls.append((arm["name"], n))
+        return real(config_, arm, n)
+
+    monkeypatch.setattr(structured, "_run_cell", counting)
+    structured.run(config, tmp_path / "results", resume=run_dir)
+    assert len(resumed_calls) == 6 - 2 and not set(resumed_calls) & set(calls)
+    resumed = pd.read_parquet(run_dir / "fits.parquet").drop(columns="cell_seconds")
+    pd.testing.assert_frame_equal(resumed, table.drop(columns="cell_seconds"), check_exact=True)
+
+    # Prose may change; a number may not.
+    _write(tmp_path, {**TINY, "claim": "reworded"}, "prose.yaml")
+    structured.run(tmp_path / "prose.yaml", tmp_path / "results", resume=run_dir)
+    with pytest.raises(structured.StudyConfigError, match="differs from"):
+        structured.run(_write(tmp_path, {**TINY, "seed": 4}, "seed.yaml"), tmp_path / "results", resume=run_dir)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"replicate": 3}, r"unknown key\(s\) \['replicate'\]"),
+        ({"kind": "mixture"}, "kind: expected one of"),
+        ({"sample_sizes": [100, 100, 200]}, "sample_sizes: repeated"),
+        ({"sample_sizes": [100, 200]}, "sample_sizes: expected at least 3"),
+        ({"fit": {"max_iters": 3}}, "fit: expected a mapping"),
+        ({"arms": [{"name": "a", "position": "keys"}]}, r"arms\[a\]: gate position"),
+        ({"arms": [{"name": "a", "heads": 0}]}, r"arms\[a\]\.heads: expected a positive integer"),
+        ({"arms": [{"name": "a", "gate": "sdpa"}]}, r"arms\[a\]: unknown key"),
+        ({"arms": [{"name": "a"}, {"name": "b", "compare_to": "c"}]}, r"arms\[b\]\.compare_to"),
+        ({"truth": {**TINY["truth"], "value": [[1.0]]}}, r"params.value: expected shape \(1, 2\)"),
+        ({"seed": -1}, "seed: expected an integer"),
+    ],
+)
+def test_malformed_configs_name_the_file_and_the_key(tmp_path, change, message):
+    path = _write(tmp_path, {**TINY, **change})
+    with pytest.raises(structured.StudyConfigError, match=message) as error:
+        structured.load_config(path)
+    assert str(path) in str(error.value)
+
+
+def test_hmoe_config_errors_name_the_group(tmp_path):
+    config = yaml.safe_load((CONFIGS / "paper9_laplace_hmoe.yaml").read_text())
+    config["truth"]["params"]["expert"]["nu"] = [[0.05, -0.05], [0.05, 0.05]]
+    with pytest.raises(structured.StudyConfigError, match=r"expert\[0\]\.nu\[1\] = -0.05"):
+        structured.load_config(_write(tmp_path, config))
+
+
+def test_shipped_structured_configs_load():
+    for name in ("paper7_gated_attention", "paper9_laplace_hmoe"):
+        config = structured.load_config(CONFIGS / f"{name}.yaml")
+        assert config.name == name and len(config.arms) == 8
+        assert np.all(np.diff(config.sample_sizes) > 0)
