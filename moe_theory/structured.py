@@ -42,7 +42,7 @@ import pandas as pd
 import yaml
 
 from . import attention, hierarchical, storage
-from .complexity import sample_complexity_curve, sample_complexity_ratio
+from .complexity import sample_complexity_curve, sample_complexity_ratio, slope_difference
 from .fit.least_squares import LeastSquaresConfig, LevenbergMarquardt
 from .fit.settings import EMConfig
 from .fit.solver import run_solver
@@ -445,9 +445,13 @@ def report(run_dir: str | Path, n_boot: int = 1000) -> Path:
     run_dir = Path(run_dir)
     config = load_config(run_dir / storage.CONFIG_FILE)
     table = pd.read_parquet(run_dir / storage.TABLE_FILE)
-    error_columns = sorted(c for c in table.columns if c.startswith("expert_error_"))
-    table["expert_error_worst"] = table[error_columns].max(axis=1, skipna=False)
-    measured = error_columns + ["expert_error_worst"]
+    # Every error family (expert_error, score_error, a_error, ...) gets its worst over the true experts.
+    families = sorted({c.rsplit("_", 1)[0] for c in table.columns if c.endswith(tuple("0123456789")) and "_error_" in c})
+    for family in families:
+        columns = [c for c in table.columns if c.rsplit("_", 1)[0] == family and c.rsplit("_", 1)[1].isdigit()]
+        table[f"{family}_worst"] = table[columns].max(axis=1, skipna=False)
+    error_columns = sorted(c for c in table.columns if c.startswith("expert_error_") and c != "expert_error_worst")
+    measured = error_columns + [f"{family}_worst" for family in families]
     arm_names = [arm["name"] for arm in config.arms]
 
     cells = table.groupby(["arm", "n"], sort=False).agg(
@@ -487,20 +491,38 @@ def report(run_dir: str | Path, n_boot: int = 1000) -> Path:
         ratios.append(ratio)
     ratios = pd.concat(ratios, ignore_index=True) if ratios else pd.DataFrame()
     ratios.to_csv(run_dir / "complexity_ratios.csv", index=False)
-    reference_median = _series(table, config.reference, "expert_error_worst").groupby("n")["value"].median()
-    epsilons = np.geomspace(reference_median.min() * 1.05, reference_median.max() * 0.95, 4)
+    contrasts = []
+    for arm in config.arms:
+        against = arm.get("compare_to", config.reference)
+        if arm["name"] == against:
+            continue
+        for quantity in ["expert_error_worst"] + [q for q in measured if q.endswith("_worst") and q != "expert_error_worst"]:
+            contrast = slope_difference(_series(table, against, quantity), _series(table, arm["name"], quantity), "value",
+                                        statistic="median", n_boot=n_boot)
+            contrasts.append({"arm": arm["name"], "reference": against, "quantity": quantity,
+                              "slope_reference": contrast.slope_a, "slope_arm": contrast.slope_b,
+                              "difference": contrast.difference, "ci_low": contrast.ci_low, "ci_high": contrast.ci_high,
+                              "paired": contrast.paired})
+    contrasts = pd.DataFrame(contrasts)
+    contrasts.to_csv(run_dir / "contrasts.csv", index=False)
+    # One ε grid for every arm's curve, spanning all arms' median errors, so the curves share axes.
+    medians = table[table["finite"]].groupby(["arm", "n"])["expert_error_worst"].median()
+    epsilons = np.geomspace(medians.min() * 1.05, medians.max() * 0.95, 12)
     curves = []
     for arm in arm_names:
         curve = sample_complexity_curve(_series(table, arm, "expert_error_worst"), "value", epsilons, statistic="median", n_boot=n_boot)
         curves.append(pd.DataFrame({"arm": arm, "epsilon": curve.epsilon, "n": curve.n, "lower": curve.lower,
                                     "upper": curve.upper, "status": curve.status}))
-    pd.concat(curves, ignore_index=True).to_csv(run_dir / "complexity.csv", index=False)
-    _figure(run_dir, config, table, arm_names)
-    _write_report(run_dir, config, cells, rates, ratios)
+    curves = pd.concat(curves, ignore_index=True)
+    curves.to_csv(run_dir / "complexity.csv", index=False)
+    _figures(run_dir, config, table, arm_names, curves)
+    _write_report(run_dir, config, cells, rates, ratios, contrasts)
     return run_dir
 
 
-def _figure(run_dir: Path, config: StudyConfig, table: pd.DataFrame, arm_names: Sequence[str]) -> None:
+def _figures(run_dir: Path, config: StudyConfig, table: pd.DataFrame, arm_names: Sequence[str], curves: pd.DataFrame) -> None:
+    """``expert_error``: the median worst expert error against n per arm (IQR band); ``sample_complexity``:
+    n(ε) per arm with its bootstrap band, where ε is reached inside the data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -508,29 +530,48 @@ def _figure(run_dir: Path, config: StudyConfig, table: pd.DataFrame, arm_names: 
 
     figures = run_dir / storage.FIGURES_DIR
     figures.mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, (errors_ax, complexity_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for arm in arm_names:
         series = _series(table, arm, "expert_error_worst").groupby("n")["value"]
         median, low, high = series.median(), series.quantile(0.25), series.quantile(0.75)
-        line = ax.loglog(median.index, median.values, marker="o", label=arm)[0]
-        ax.fill_between(median.index, low.values, high.values, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("sample size n")
-    ax.set_ylabel("worst expert error (median, IQR band)")
-    ax.set_title(config.name)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+        line = errors_ax.loglog(median.index, median.values, marker="o", label=arm,
+                                linestyle="--" if "over" in arm else "-")[0]
+        errors_ax.fill_between(median.index, low.values, high.values, color=line.get_color(), alpha=0.12)
+        curve = curves[(curves["arm"] == arm) & np.isfinite(curves["n"]) & (curves["status"] == "interpolated")]
+        if len(curve):
+            complexity_ax.loglog(curve["epsilon"], curve["n"], marker="o", color=line.get_color(), label=arm,
+                                 linestyle=line.get_linestyle())
+            upper = np.where(np.isfinite(curve["upper"]), curve["upper"], np.nan)
+            complexity_ax.fill_between(curve["epsilon"], curve["lower"], upper, color=line.get_color(), alpha=0.12)
+    errors_ax.set_xlabel("sample size n")
+    errors_ax.set_ylabel("worst expert error (median, IQR band)")
+    complexity_ax.set_xlabel("target ε (median worst expert error)")
+    complexity_ax.set_ylabel("n(ε), 95% bootstrap band")
+    for ax, title in ((errors_ax, config.name), (complexity_ax, "sample complexity")):
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     for suffix in ("png", "pdf"):
         fig.savefig(figures / f"expert_error.{suffix}", dpi=130)
     plt.close(fig)
 
 
+DECISIVE_AIC = 2.0
+"""|AIC(power) − AIC(log)| below which the report names neither law."""
+
+
+def _law(rate) -> str:
+    return rate["preferred_law"] if abs(rate["aic_power_minus_log"]) >= DECISIVE_AIC else "neither"
+
+
 def _interval(low: float, high: float) -> str:
     return f"[{low:.2f}, {high:.2f}]"
 
 
-def _write_report(run_dir: Path, config: StudyConfig, cells, rates, ratios) -> None:
+def _write_report(run_dir: Path, config: StudyConfig, cells, rates, ratios, contrasts) -> None:
     meta = storage.read_meta(run_dir)
+    worst_quantities = [q for q in rates["quantity"].unique() if q.endswith("_worst") and q != "expert_error_worst"]
     seconds = sum(session.get("seconds", 0.0) for session in meta.get("sessions", []))
     lines = [f"# {config.name}", "", config.claim, "",
              f"Sizes {list(config.sample_sizes)}, {config.replicates} replicates, seed {config.seed}; "
@@ -546,10 +587,24 @@ def _write_report(run_dir: Path, config: StudyConfig, cells, rates, ratios) -> N
             f"| {name} | {settings} | {arm_cells['converged'].mean():.0%} | {arm_cells['finite'].mean():.0%} | "
             f"{rate['slope_median']:.3f} {_interval(rate['ci_low_median'], rate['ci_high_median'])} | "
             f"{rate['slope_mean']:.3f} {_interval(rate['ci_low_mean'], rate['ci_high_mean'])} | "
-            f"{rate['preferred_law']} ({rate['aic_power_minus_log']:+.1f}) |"
+            f"{_law(rate)} ({rate['aic_power_minus_log']:+.1f}) |"
         )
     lines += ["", "Law: the AIC-preferred of a power law and 1/log(n)^λ for the median worst expert error "
-              "(AIC(power) − AIC(log) in brackets; positive favours the log law).", "",
+              f"(AIC(power) − AIC(log) in brackets; positive favours the log law), 'neither' when |ΔAIC| < {DECISIVE_AIC:g}: "
+              "both laws have two parameters, and over one or two decades of n they can fit equally well.", "",
+              "## Parameter errors", "",
+              "Slope of the median (over replicates) of the worst error over the true experts, with its 95% CI, "
+              "and the AIC-preferred law.", "",
+              "| arm | " + " | ".join(q.removesuffix("_worst") for q in worst_quantities) + " |",
+              "|---|" + "---|" * len(worst_quantities)]
+    for arm in config.arms:
+        cells_text = []
+        for quantity in worst_quantities:
+            rate = rates[(rates["arm"] == arm["name"]) & (rates["quantity"] == quantity)].iloc[0]
+            cells_text.append(f"{rate['slope_median']:.2f} {_interval(rate['ci_low_median'], rate['ci_high_median'])} "
+                              f"{_law(rate)}")
+        lines.append(f"| {arm['name']} | " + " | ".join(cells_text) + " |")
+    lines += ["",
               "## Sample complexity against the compared arm", "",
               "n(ε) is the smallest n from which the median worst expert error stays ≤ ε (interpolated on log "
               "scales); the ratio is n_arm(ε)/n_reference(ε), < 1 when the arm needs fewer samples.", "",
@@ -557,6 +612,13 @@ def _write_report(run_dir: Path, config: StudyConfig, cells, rates, ratios) -> N
     for row in ratios.itertuples(index=False):
         lines.append(f"| {row.arm} | {row.reference} | {row.epsilon:.3g} | {row.n_a:.0f} | {row.n_b:.0f} | {row.ratio:.2f} "
                      f"{_interval(row.ratio_low, row.ratio_high)} | {row.status_a}/{row.status_b} |")
+    lines += ["", "## Slope contrasts against the compared arm", "",
+              "Δ = slope(arm) − slope(reference) of the median worst error, with a paired bootstrap 95% CI "
+              "(the arms share their datasets); Δ < 0 with a CI below 0 means the arm's error falls faster.", "",
+              "| arm | reference | quantity | slope reference | slope arm | Δ [95% CI] |", "|---|---|---|---|---|---|"]
+    for row in contrasts.itertuples(index=False):
+        lines.append(f"| {row.arm} | {row.reference} | {row.quantity.removesuffix('_worst')} | {row.slope_reference:.2f} | "
+                     f"{row.slope_arm:.2f} | {row.difference:+.2f} {_interval(row.ci_low, row.ci_high)} |")
     lines += ["", "## Cells", "", "| " + " | ".join(cells.columns) + " |", "|" + "---|" * len(cells.columns)]
     for row in cells.itertuples(index=False):
         lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
