@@ -67,7 +67,7 @@ from .fit.em import expert_mstep, gate_mstep
 from .fit.settings import EMConfig
 from .fit.solver import FitResult, all_finite
 from .gates import SCORES, Gate, canonical_gate, log_gate_weights, make_gate
-from .models import Family, weighted_sum
+from .models import Family, inert_padding, reduce_log_likelihood, weighted_sum
 from .params import ParameterError, to_jax, validate_group
 from .sampling import InputDistribution, UniformInputs
 
@@ -222,21 +222,13 @@ def joint_log_prob(family: HierarchicalFamily, params: HMoEParams, x: jnp.ndarra
 def log_likelihood(family: HierarchicalFamily, params: HMoEParams, x, y, weights=None, reduce: str = "mean"):
     """log p(y | x) of the HMoE; ``weights`` and ``reduce`` as in :func:`moe_theory.models.log_likelihood`
     (``"none"`` gives the unweighted per-sample values, whatever the weights)."""
-    if reduce == "none":
+    def per_sample(x, y):
         joint = joint_log_prob(family, params, x, y)
         return jax.nn.logsumexp(joint.reshape(joint.shape[0], -1), axis=-1)
-    if weights is not None:
-        keep = weights > 0
-        x = jnp.where(keep[:, None], x, jnp.zeros_like(x))
-        y = jnp.where(keep, y, jnp.zeros_like(y))
-    joint = joint_log_prob(family, params, x, y)
-    per_sample = jax.nn.logsumexp(joint.reshape(joint.shape[0], -1), axis=-1)
-    total = weighted_sum(per_sample, weights)
-    if reduce == "sum":
-        return total
-    if reduce == "mean":
-        return total / (per_sample.shape[0] if weights is None else jnp.sum(weights))
-    raise ValueError(f"reduce: expected 'mean', 'sum' or 'none', got {reduce!r}")
+
+    if reduce == "none":
+        return per_sample(x, y)
+    return reduce_log_likelihood(per_sample(*inert_padding(x, y, weights)), weights, reduce)
 
 
 @partial(jax.jit, static_argnames=("family",))

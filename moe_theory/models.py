@@ -176,14 +176,25 @@ def log_likelihood(
     """
     if reduce == "none":
         return jax.nn.logsumexp(joint_log_prob(family, params, x, y), axis=-1)
-    if weights is not None:
-        # Masking ℓ_j alone is not enough: a NaN/inf x_j or y_j in a padded row still sends NaN
-        # back through the gradient (0 · NaN = NaN in every backward step). Replacing the inputs of
-        # zero-weight rows by 0, a valid point for every gate and expert, makes them inert.
-        keep = weights > 0
-        x = jnp.where(keep[:, None], x, jnp.zeros_like(x))
-        y = jnp.where(keep, y, jnp.zeros_like(y))
-    per_sample = jax.nn.logsumexp(joint_log_prob(family, params, x, y), axis=-1)
+    x, y = inert_padding(x, y, weights)
+    return reduce_log_likelihood(jax.nn.logsumexp(joint_log_prob(family, params, x, y), axis=-1), weights, reduce)
+
+
+def inert_padding(x: jnp.ndarray, y: jnp.ndarray, weights: jnp.ndarray | None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """x and y with the rows of weight 0 replaced by 0.
+
+    Masking ℓ_j alone is not enough: a NaN/inf x_j or y_j in a padded row still sends NaN back
+    through the gradient (0 · NaN = NaN in every backward step). Replacing the inputs of zero-weight
+    rows by 0, a valid point for every gate and expert, makes them inert.
+    """
+    if weights is None:
+        return x, y
+    keep = weights > 0
+    return jnp.where(keep[:, None], x, jnp.zeros_like(x)), jnp.where(keep, y, jnp.zeros_like(y))
+
+
+def reduce_log_likelihood(per_sample: jnp.ndarray, weights: jnp.ndarray | None, reduce: str) -> jnp.ndarray:
+    """Σ_j w_j ℓ_j (``"sum"``) or its weighted average (``"mean"``) from the per-sample ℓ_j."""
     total = weighted_sum(per_sample, weights)
     if reduce == "sum":
         return total

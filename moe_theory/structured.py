@@ -476,7 +476,7 @@ def report(run_dir: str | Path, n_boot: int = 1000) -> Path:
     rates = pd.DataFrame(rates)
     rates.to_csv(run_dir / "rates.csv", index=False)
 
-    ratios = []
+    ratios, contrasts = [], []
     for arm in config.arms:
         against = arm.get("compare_to", config.reference)
         if arm["name"] == against:
@@ -489,13 +489,6 @@ def report(run_dir: str | Path, n_boot: int = 1000) -> Path:
         ratio.insert(0, "reference", against)
         ratio.insert(0, "arm", arm["name"])
         ratios.append(ratio)
-    ratios = pd.concat(ratios, ignore_index=True) if ratios else pd.DataFrame()
-    ratios.to_csv(run_dir / "complexity_ratios.csv", index=False)
-    contrasts = []
-    for arm in config.arms:
-        against = arm.get("compare_to", config.reference)
-        if arm["name"] == against:
-            continue
         for quantity in ["expert_error_worst"] + [q for q in measured if q.endswith("_worst") and q != "expert_error_worst"]:
             contrast = slope_difference(_series(table, against, quantity), _series(table, arm["name"], quantity), "value",
                                         statistic="median", n_boot=n_boot)
@@ -503,6 +496,8 @@ def report(run_dir: str | Path, n_boot: int = 1000) -> Path:
                               "slope_reference": contrast.slope_a, "slope_arm": contrast.slope_b,
                               "difference": contrast.difference, "ci_low": contrast.ci_low, "ci_high": contrast.ci_high,
                               "paired": contrast.paired})
+    ratios = pd.concat(ratios, ignore_index=True) if ratios else pd.DataFrame()
+    ratios.to_csv(run_dir / "complexity_ratios.csv", index=False)
     contrasts = pd.DataFrame(contrasts)
     contrasts.to_csv(run_dir / "contrasts.csv", index=False)
     # One ε grid for every arm's curve, spanning all arms' median errors, so the curves share axes.
@@ -552,8 +547,9 @@ def _figures(run_dir: Path, config: StudyConfig, table: pd.DataFrame, arm_names:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    for suffix in ("png", "pdf"):
-        fig.savefig(figures / f"expert_error.{suffix}", dpi=130)
+    fig.savefig(figures / "expert_error.png", dpi=130)
+    # No creation date in the PDF, so a redrawn figure of the same table is the same file.
+    fig.savefig(figures / "expert_error.pdf", metadata={"CreationDate": None})
     plt.close(fig)
 
 

@@ -14,14 +14,7 @@ from moe_theory import attention as A
 from moe_theory import hierarchical as H
 from moe_theory.fit.least_squares import LeastSquaresConfig, LevenbergMarquardt
 from moe_theory.fit.solver import run_solver
-
-
-@dataclass(frozen=True)
-class AttentionMean:
-    model: A.AttentionModel
-
-    def __call__(self, params, X):
-        return A.entry(self.model, params, X)
+from moe_theory.structured import AttentionMean
 
 
 @dataclass(frozen=True)

@@ -137,4 +137,5 @@ def test_shipped_structured_configs_load():
     for name in ("paper7_gated_attention", "paper9_laplace_hmoe"):
         config = structured.load_config(CONFIGS / f"{name}.yaml")
         assert config.name == name and len(config.arms) == 8
+        assert config.raw.get("description"), "every shipped config needs a one-line description for `moe-theory list`"
         assert np.all(np.diff(config.sample_sizes) > 0)
