@@ -403,32 +403,46 @@ def run(config_path: str | Path, results_root: str | Path = "results", resume: s
         if (run_dir / storage.TABLE_FILE).is_file():
             finished |= {_cell_name({"name": a}, n) for a, n in
                          pd.read_parquet(run_dir / storage.TABLE_FILE)[["arm", "n"]].drop_duplicates().itertuples(index=False)}
-        meta = storage.read_meta(run_dir) or {"name": config.name, "sessions": [], "environment": storage.environment(),
-                                               "git": storage.git_state()}
-        session = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "cells": 0, "seconds": 0.0}
-        meta["sessions"].append(session)
-        started = time.perf_counter()
-        for n in config.sample_sizes:
-            for arm in config.arms:
-                name = _cell_name(arm, n)
-                if name in finished:
-                    continue
-                frame = _run_cell(config, arm, n)
-                storage.write_part(run_dir, name, frame)
-                session["cells"] += 1
-                session["seconds"] = time.perf_counter() - started
-                storage.write_meta(run_dir, meta)
-                print(f"{name}: {frame['converged'].mean():.0%} converged, {frame['cell_seconds'].iloc[0]:.1f} s", flush=True)
-        parts = storage.read_parts(run_dir)
-        table = parts if parts is not None else pd.DataFrame()
-        if (run_dir / storage.TABLE_FILE).is_file():
-            table = pd.concat([pd.read_parquet(run_dir / storage.TABLE_FILE), table], ignore_index=True)
-        table = table.sort_values(["arm", "n", "replicate"], kind="stable").reset_index(drop=True)
-        storage.merge_table(run_dir, table)
-        session["status"] = "finished"
-        storage.write_meta(run_dir, meta)
+        pending = [(arm, n) for n in config.sample_sizes for arm in config.arms if _cell_name(arm, n) not in finished]
+        if pending or storage.finished_parts(run_dir):
+            _compute(config, run_dir, pending)
     report(run_dir)
     return run_dir
+
+
+def _compute(config: StudyConfig, run_dir: Path, pending: list) -> None:
+    """Run the pending cells (each stored as a part at once), then merge every part into the table.
+
+    A session is recorded in ``meta.json`` with its cell count and seconds; sessions still marked
+    running from an earlier process (killed or interrupted) are marked ``interrupted``.
+    """
+    meta = storage.read_meta(run_dir) or {"name": config.name, "sessions": [], "environment": storage.environment(),
+                                           "git": storage.git_state()}
+    for earlier in meta["sessions"]:
+        if earlier.get("status", "running") == "running":
+            earlier["status"] = "interrupted"
+    session = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "running", "cells": 0, "seconds": 0.0}
+    meta["sessions"].append(session)
+    storage.write_meta(run_dir, meta)
+    started = time.perf_counter()
+    for arm, n in pending:
+        name = _cell_name(arm, n)
+        frame = _run_cell(config, arm, n)
+        storage.write_part(run_dir, name, frame)
+        session["cells"] += 1
+        session["seconds"] = time.perf_counter() - started
+        storage.write_meta(run_dir, meta)
+        print(f"{name}: {frame['converged'].mean():.0%} converged, {frame['cell_seconds'].iloc[0]:.1f} s", flush=True)
+    frames = [frame for frame in (storage.read_parts(run_dir),) if frame is not None]
+    if (run_dir / storage.TABLE_FILE).is_file():
+        frames.insert(0, pd.read_parquet(run_dir / storage.TABLE_FILE))
+    # A crash between writing the table and removing the parts leaves a cell in both: keep one copy.
+    table = pd.concat(frames, ignore_index=True).drop_duplicates(["arm", "n", "replicate"])
+    table = table.sort_values(["arm", "n", "replicate"], kind="stable").reset_index(drop=True)
+    storage.merge_table(run_dir, table)
+    session["status"] = "finished"
+    storage.write_meta(run_dir, meta)
+
 
 
 # ----------------------------------------------------------------------------------------------

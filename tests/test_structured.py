@@ -1,5 +1,6 @@
 """The structured-study runner (moe_theory.structured): config errors, resume, reproducibility."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +97,14 @@ def test_an_interrupted_run_resumes_without_redoing_cells(full_run, tmp_path, mo
     resumed = pd.read_parquet(run_dir / "fits.parquet").drop(columns="cell_seconds")
     pd.testing.assert_frame_equal(resumed, table.drop(columns="cell_seconds"), check_exact=True)
 
-    # Prose may change; a number may not.
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert [session["status"] for session in meta["sessions"]] == ["interrupted", "finished"]
+    assert [session["cells"] for session in meta["sessions"]] == [2, 4]
+
+    # Prose may change; a number may not. Resuming a complete run computes nothing and records no session.
     _write(tmp_path, {**TINY, "claim": "reworded"}, "prose.yaml")
     structured.run(tmp_path / "prose.yaml", tmp_path / "results", resume=run_dir)
+    assert len(resumed_calls) == 4 and json.loads((run_dir / "meta.json").read_text()) == meta
     with pytest.raises(structured.StudyConfigError, match="differs from"):
         structured.run(_write(tmp_path, {**TINY, "seed": 4}, "seed.yaml"), tmp_path / "results", resume=run_dir)
 
