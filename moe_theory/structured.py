@@ -87,15 +87,6 @@ def _positive_int(mapping: Mapping, key: str, where: str, path: Path, default=No
     return value
 
 
-@dataclass(frozen=True)
-class Arm:
-    """One arm: a name and its settings (the attention gate position or the HMoE gate pair) and the
-    fitted size (heads, or experts per group), exact or over-specified."""
-
-    name: str
-    settings: tuple  # sorted (key, value) pairs of the arm's config entry
-
-
 @dataclass
 class StudyConfig:
     path: Path
@@ -136,6 +127,8 @@ def load_config(path: str | Path) -> StudyConfig:
     if len(set(sizes)) != len(sizes):
         raise StudyConfigError(f"{path}: sample_sizes: repeated sizes in {sizes!r}")
     arms = _require(raw, "arms", "", path, list)
+    if not arms:
+        raise StudyConfigError(f"{path}: arms: expected at least one arm")
     names = []
     for i, arm in enumerate(arms):
         if not isinstance(arm, dict) or not isinstance(arm.get("name"), str):
@@ -299,6 +292,12 @@ def _problem(config: StudyConfig, arm: Mapping[str, Any]):
         extra = arm.get("extra_experts", 0)
         if not isinstance(extra, int) or isinstance(extra, bool) or extra < 0:
             raise StudyConfigError(f"{path}: {where}extra_experts: expected a non-negative integer, got {extra!r}")
+        inner = family.inner_gate
+        if extra and (inner.normaliser != "softmax" or SCORES[inner.score].log_offset):
+            raise StudyConfigError(
+                f"{path}: {where}extra_experts: the split start lowers the split expert's inner offset by log(J + 1), "
+                f"which keeps the density only for a softmax-normalised inner gate with an additive offset; got {inner.name!r}"
+            )
         fitted_family = hierarchical.grown_family(family, extra)
         solver = hierarchical.HierarchicalEM(fitted_family, EMConfig(max_iter=_positive_int(fit, "max_iter", "fit.", path, 1000)))
         problem = HMoEProblem(family, extra, make_inputs(truth_spec.get("inputs", "uniform")),
@@ -433,9 +432,10 @@ def _compute(config: StudyConfig, run_dir: Path, pending: list) -> None:
         session["seconds"] = time.perf_counter() - started
         storage.write_meta(run_dir, meta)
         print(f"{name}: {frame['converged'].mean():.0%} converged, {frame['cell_seconds'].iloc[0]:.1f} s", flush=True)
-    frames = [frame for frame in (storage.read_parts(run_dir),) if frame is not None]
-    if (run_dir / storage.TABLE_FILE).is_file():
-        frames.insert(0, pd.read_parquet(run_dir / storage.TABLE_FILE))
+    frames = [pd.read_parquet(run_dir / storage.TABLE_FILE)] if (run_dir / storage.TABLE_FILE).is_file() else []
+    parts = storage.read_parts(run_dir)
+    if parts is not None:
+        frames.append(parts)
     # A crash between writing the table and removing the parts leaves a cell in both: keep one copy.
     table = pd.concat(frames, ignore_index=True).drop_duplicates(["arm", "n", "replicate"])
     table = table.sort_values(["arm", "n", "replicate"], kind="stable").reset_index(drop=True)
@@ -447,6 +447,20 @@ def _compute(config: StudyConfig, run_dir: Path, pending: list) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # The report.
+
+
+def _comparable_blocks(config: StudyConfig, arm: Mapping, reference: Mapping) -> set[str]:
+    """The parameter blocks whose errors mean the same in both arms: every expert or attention block,
+    and a gate field only where both arms score with the same gate (a Laplace β₁ is a location, a
+    softmax β₁ a slope)."""
+    problem, _ = _problem(config, arm)
+    other, _ = _problem(config, reference)
+    if config.kind == "attention":
+        return {"score", "value"}
+    blocks = {field.name for field in problem.true_family.expert.fields}
+    if problem.true_family.inner_gate.score == other.true_family.inner_gate.score:
+        blocks |= {field.name for field in problem.true_family.inner_gate.fields}
+    return blocks
 
 
 def _series(table: pd.DataFrame, arm: str, column: str) -> pd.DataFrame:
@@ -468,8 +482,12 @@ def report(run_dir: str | Path, n_boot: int = 1000) -> Path:
     measured = error_columns + [f"{family}_worst" for family in families]
     arm_names = [arm["name"] for arm in config.arms]
 
+    # A finite fit whose Voronoi cells leave a true expert empty has no worst error (NaN): it is left
+    # out of the rates, and counted here so that the omission shows.
+    table["lost_expert"] = table["finite"] & table["expert_error_worst"].isna()
     cells = table.groupby(["arm", "n"], sort=False).agg(
         fits=("converged", "size"), converged=("converged", "mean"), finite=("finite", "mean"),
+        lost_expert=("lost_expert", "sum"),
         median_iterations=("n_iter", "median"), seconds=("cell_seconds", "first"),
         mean_worst_error=("expert_error_worst", "mean"), median_worst_error=("expert_error_worst", "median"),
     ).reset_index()
@@ -479,18 +497,24 @@ def report(run_dir: str | Path, n_boot: int = 1000) -> Path:
     for arm in arm_names:
         for column in measured:
             series = _series(table, arm, column)
-            row = {"arm": arm, "quantity": column}
-            for statistic in ("mean", "median"):
-                fit = fit_rate(series, statistic=statistic, n_boot=n_boot)
-                row.update({f"slope_{statistic}": fit.slope, f"ci_low_{statistic}": fit.ci_low, f"ci_high_{statistic}": fit.ci_high})
-            laws = compare_power_vs_log(series, statistic="median")
-            row.update({"preferred_law": laws.preferred, "aic_power_minus_log": laws.aic_difference,
-                        "log_exponent": laws.log_exponent})
+            row = {"arm": arm, "quantity": column, "preferred_law": "insufficient data", "aic_power_minus_log": np.nan,
+                   **{f"{what}_{statistic}": np.nan for what in ("slope", "ci_low", "ci_high") for statistic in ("mean", "median")}}
+            try:
+                for statistic in ("mean", "median"):
+                    fit = fit_rate(series, statistic=statistic, n_boot=n_boot)
+                    row.update({f"slope_{statistic}": fit.slope, f"ci_low_{statistic}": fit.ci_low,
+                                f"ci_high_{statistic}": fit.ci_high})
+                laws = compare_power_vs_log(series, statistic="median")
+                row.update({"preferred_law": laws.preferred, "aic_power_minus_log": laws.aic_difference,
+                            "log_exponent": laws.log_exponent})
+            except ValueError:
+                pass  # fewer than 3 sizes with finite values: the row says "insufficient data"
             rates.append(row)
     rates = pd.DataFrame(rates)
     rates.to_csv(run_dir / "rates.csv", index=False)
 
     ratios, contrasts = [], []
+    by_name = {arm["name"]: arm for arm in config.arms}
     for arm in config.arms:
         against = arm.get("compare_to", config.reference)
         if arm["name"] == against:
@@ -498,14 +522,22 @@ def report(run_dir: str | Path, n_boot: int = 1000) -> Path:
         reference = _series(table, against, "expert_error_worst")
         reference_median = reference.groupby("n")["value"].median()
         epsilons = np.geomspace(reference_median.min() * 1.05, reference_median.max() * 0.95, 4)
-        ratio = sample_complexity_ratio(reference, _series(table, arm["name"], "expert_error_worst"), "value", epsilons,
-                                        statistic="median", n_boot=n_boot)
+        try:
+            ratio = sample_complexity_ratio(reference, _series(table, arm["name"], "expert_error_worst"), "value",
+                                            epsilons, statistic="median", n_boot=n_boot)
+        except ValueError:
+            continue  # an arm without finite values at enough sizes has no curve to compare
         ratio.insert(0, "reference", against)
         ratio.insert(0, "arm", arm["name"])
         ratios.append(ratio)
-        for quantity in ["expert_error_worst"] + [q for q in measured if q.endswith("_worst") and q != "expert_error_worst"]:
-            contrast = slope_difference(_series(table, against, quantity), _series(table, arm["name"], quantity), "value",
-                                        statistic="median", n_boot=n_boot)
+        comparable = _comparable_blocks(config, arm, by_name[against])
+        for quantity in ["expert_error_worst"] + [q for q in measured if q.endswith("_worst") and q != "expert_error_worst"
+                                                  and q.removesuffix("_error_worst") in comparable]:
+            try:
+                contrast = slope_difference(_series(table, against, quantity), _series(table, arm["name"], quantity),
+                                            "value", statistic="median", n_boot=n_boot)
+            except ValueError:
+                continue
             contrasts.append({"arm": arm["name"], "reference": against, "quantity": quantity,
                               "slope_reference": contrast.slope_a, "slope_arm": contrast.slope_b,
                               "difference": contrast.difference, "ci_low": contrast.ci_low, "ci_high": contrast.ci_high,
@@ -572,6 +604,8 @@ DECISIVE_AIC = 2.0
 
 
 def _law(rate) -> str:
+    if not np.isfinite(rate["aic_power_minus_log"]):
+        return rate["preferred_law"]  # "insufficient data"
     return rate["preferred_law"] if abs(rate["aic_power_minus_log"]) >= DECISIVE_AIC else "neither"
 
 
@@ -624,7 +658,9 @@ def _write_report(run_dir: Path, config: StudyConfig, cells, rates, ratios, cont
                      f"{_interval(row.ratio_low, row.ratio_high)} | {row.status_a}/{row.status_b} |")
     lines += ["", "## Slope contrasts against the compared arm", "",
               "Δ = slope(arm) − slope(reference) of the median worst error, with a paired bootstrap 95% CI "
-              "(the arms share their datasets); Δ < 0 with a CI below 0 means the arm's error falls faster.", "",
+              "(the arms share their input and noise draws); Δ < 0 with a CI below 0 means the arm's error falls faster. "
+              "Gate-parameter blocks are compared only between arms whose gates give them the same meaning "
+              "(β₁ is a slope under a softmax score and a location under a Laplace score).", "",
               "| arm | reference | quantity | slope reference | slope arm | Δ [95% CI] |", "|---|---|---|---|---|---|"]
     for row in contrasts.itertuples(index=False):
         lines.append(f"| {row.arm} | {row.reference} | {row.quantity.removesuffix('_worst')} | {row.slope_reference:.2f} | "

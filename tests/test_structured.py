@@ -123,6 +123,7 @@ def test_an_interrupted_run_resumes_without_redoing_cells(full_run, tmp_path, mo
         ({"arms": [{"name": "a"}, {"name": "b", "compare_to": "c"}]}, r"arms\[b\]\.compare_to"),
         ({"truth": {**TINY["truth"], "value": [[1.0]]}}, r"params.value: expected shape \(1, 2\)"),
         ({"seed": -1}, "seed: expected an integer"),
+        ({"arms": []}, "arms: expected at least one arm"),
     ],
 )
 def test_malformed_configs_name_the_file_and_the_key(tmp_path, change, message):
@@ -145,3 +146,14 @@ def test_shipped_structured_configs_load():
         assert config.name == name and len(config.arms) == 8
         assert config.raw.get("description"), "every shipped config needs a one-line description for `moe-theory list`"
         assert np.all(np.diff(config.sample_sizes) > 0)
+
+
+def test_a_split_start_is_refused_where_it_would_change_the_density(tmp_path):
+    config = yaml.safe_load((CONFIGS / "paper9_laplace_hmoe.yaml").read_text())
+    config["arms"] = [{"name": "sigmoid_over", "outer_gate": "softmax", "inner_gate": "sigmoid", "extra_experts": 1}]
+    config["reference_arm"] = "sigmoid_over"
+    with pytest.raises(structured.StudyConfigError, match=r"arms\[sigmoid_over\]\.extra_experts: the split start"):
+        structured.load_config(_write(tmp_path, config))
+    config["arms"][0]["extra_experts"] = 0
+    structured.load_config(_write(tmp_path, config))
+

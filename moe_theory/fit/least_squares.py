@@ -9,20 +9,24 @@ entry [7]) and sample weights w_j ≥ 0 (0 marks padding), least squares minimis
 With the weighted residuals r_j = √w_j (y_j − f(x_j; θ)) and their Jacobian J = ∂r/∂θ (row by row:
 the gradient of f(x_j; θ), vmapped over the rows j), one iteration solves
 
-    (JᵀJ + μ D) δ = −Jᵀr,    D = diag(max(diag JᵀJ, ε)),
+    (JᵀJ + μ D) δ = −Jᵀr,    D = diag(max(diag JᵀJ, ε·max(max diag JᵀJ, 1))),   ε the machine epsilon,
 
 and accepts θ + δ if S decreases; otherwise μ grows by ``damping_increase`` and the system is solved
-again, up to ``damping_trials`` times. After an accepted step μ shrinks by ``damping_decrease``.
-This is Marquardt's scaled damping (the scale-invariant variant that
-``scipy.optimize.least_squares(method="lm")`` (MINPACK) also uses); S never increases. Small μ gives
-Gauss–Newton steps, large μ short scaled gradient steps.
+again, until a step is accepted or μ would exceed ``max_damping``. After an accepted step μ shrinks
+by ``damping_decrease``, to no less than ``min_damping``. This is Marquardt's diagonal scaling (in
+the spirit of MINPACK's, which ``scipy.optimize.least_squares(method="lm")`` uses, though MINPACK
+scales a trust region instead of μ); S never increases. Small μ gives Gauss–Newton steps, large μ
+short scaled gradient steps.
 
 Everything runs under the protocol's drivers: the reported objective (the ``log_likelihood`` field
 of :class:`~moe_theory.fit.solver.FitResult`) is −S/Σw, minus the mean squared residual, so the
 stopping rule "relative change ≤ tol" is the same as for EM, and a NaN stops the fit with
 ``finite = False``. An iteration whose every trial fails leaves θ unchanged: the relative change is
-then 0 and the fit counts as converged, which is right at a stationary point (no trial step of any
-length decreases S) and is the only way the rule fires there.
+then 0 and the fit counts as converged. That happens only once μ has reached ``max_damping``
+(1e20 by default, a step about 1e-20 of the scaled gradient): no representable step decreases S,
+so θ is stationary to rounding. (Stopping the trials after a fixed count instead would let a fit
+whose μ had shrunk to its floor give up after a few Gauss–Newton-like trials and be reported
+converged while still improving.)
 
 The model is given as a hashable callable ``mean(params, x) -> (n,)``, a static argument (a
 module-level function or a frozen dataclass with ``__call__``), so one compiled program serves
@@ -54,17 +58,19 @@ class LeastSquaresConfig:
         max_iter: at most this many accepted-or-failed iterations.
         initial_damping: μ at the start.
         damping_increase / damping_decrease: factors on μ after a rejected / accepted step.
-        damping_trials: μ increases tried per iteration before giving up the step.
+        min_damping / max_damping: μ never shrinks below the first; an iteration gives up its step
+            once μ would exceed the second.
     """
 
     max_iter: int = 1000
     initial_damping: float = 1e-3
     damping_increase: float = 10.0
     damping_decrease: float = 0.3
-    damping_trials: int = 12
+    min_damping: float = 1e-12
+    max_damping: float = 1e20
 
     def __post_init__(self) -> None:
-        for name in ("max_iter", "damping_trials"):
+        for name in ("max_iter",):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -72,6 +78,8 @@ class LeastSquaresConfig:
             raise ValueError(f"initial_damping: expected > 0, got {self.initial_damping!r}")
         if not self.damping_increase > 1 or not 0 < self.damping_decrease < 1:
             raise ValueError("damping_increase must exceed 1 and damping_decrease lie in (0, 1)")
+        if not 0 < self.min_damping <= self.initial_damping < self.max_damping:
+            raise ValueError("damping bounds: expected 0 < min_damping ≤ initial_damping < max_damping")
 
 
 class LeastSquaresData(NamedTuple):
@@ -150,21 +158,19 @@ class LevenbergMarquardt:
             return candidate, value
 
         def keep_trying(carry):
-            _, value, _, tries = carry
-            return (tries < config.damping_trials) & ~(value < current)
+            _, value, damping = carry
+            return (damping * config.damping_increase <= config.max_damping) & ~(value < current)
 
         def next_trial(carry):
-            _, _, damping, tries = carry
-            damping = damping * config.damping_increase
-            candidate, value = trial(damping)
-            return candidate, value, damping, tries + 1
+            damping = carry[2] * config.damping_increase
+            return (*trial(damping), damping)
 
         candidate, value = trial(state.damping)
-        candidate, value, damping, _ = jax.lax.while_loop(keep_trying, next_trial, (candidate, value, state.damping, 1))
+        candidate, value, damping = jax.lax.while_loop(keep_trying, next_trial, (candidate, value, state.damping))
         accepted = value < current  # False for NaN
         flat_new = jnp.where(accepted, candidate, flat)
         objective = -jnp.where(accepted, value, current) / data.total
-        damping = jnp.where(accepted, jnp.maximum(damping * config.damping_decrease, 1e-12), damping)
+        damping = jnp.where(accepted, jnp.maximum(damping * config.damping_decrease, config.min_damping), damping)
         params = unravel(flat_new)
         return LeastSquaresState(params, objective, state.log_likelihood, state.iteration + 1,
                                  jnp.isfinite(objective) & all_finite(params), damping)
