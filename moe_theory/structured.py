@@ -18,10 +18,13 @@ nested gates or tied parameters, so they get this runner, which keeps the sweep'
   non-finite fit has NaN errors, and the report gives the converged fraction per cell. Rates use the
   finite fits; the median makes them robust to a few bad ones.
 
-The report (:func:`report`) fits, per arm and per true expert, the log-log slope of the mean and the
-median expert error with bootstrap CIs, a power law against 1/log(n)^λ (:mod:`moe_theory.rates`),
-sample-complexity curves and the ratio of each arm's n(ε) to the reference arm's with paired
-bootstrap CIs (:mod:`moe_theory.complexity`).
+The report (:func:`report`) writes ``cells.csv`` (converged and finite fractions, fits that lose a
+true expert, iterations, seconds per cell), ``rates.csv`` (per arm, for each true expert's error and
+the worst of every error family: the log-log slope of the mean and of the median with bootstrap
+CIs, and a power law against 1/log(n)^λ, :mod:`moe_theory.rates`), ``contrasts.csv`` (paired slope
+differences against the compared arm), ``complexity.csv`` and ``complexity_ratios.csv`` (n(ε) per
+arm, and each arm's n(ε) over its compared arm's with paired bootstrap CIs,
+:mod:`moe_theory.complexity`), ``figures/expert_error.png`` and ``report.md``.
 
 Configs are YAML; ``configs/paper7_gated_attention.yaml`` and ``configs/paper9_laplace_hmoe.yaml``
 are the shipped ones. Run: ``python -m moe_theory.structured CONFIG [--resume RUN_DIR]``.
