@@ -293,13 +293,16 @@ class HMoEState(NamedTuple):
 
 
 def _e_step(family: HierarchicalFamily, params: HMoEParams, data: HMoEData):
-    """Average log-likelihood and ω_{n,ij} = w_n r_{n,ij}, (n, G, J)."""
-    joint = joint_log_prob(family, params, data.x, data.y)
+    """Average log-likelihood, ω_{n,ij} = w_n r_{n,ij} (n, G, J), and the gates' log-weights log π_i
+    (n, G) and log π_{j|i} (n, G, J), which the gate M-steps take as their starting values."""
+    log_outer = outer_log_weights(family, params, data.x)
+    log_inner = inner_log_weights(family, params, data.x)
+    joint = log_outer[:, :, None] + log_inner + expert_log_prob(family, params, data.x, data.y)
     flat = joint.reshape(joint.shape[0], -1)
     per_sample = jax.nn.logsumexp(flat, axis=-1)
     value = weighted_sum(per_sample, data.weights) / data.total
     omega = jnp.where(data.weights[:, None] > 0, data.weights[:, None] * jnp.exp(flat - per_sample[:, None]), 0.0)
-    return value, omega.reshape(joint.shape)
+    return value, omega.reshape(joint.shape), log_outer, log_inner
 
 
 @dataclass(frozen=True)
@@ -321,11 +324,8 @@ class HierarchicalEM:
     def init(self, params0: HMoEParams, x, y, weights):
         dtype = jax.tree_util.tree_leaves(params0)[0].dtype
         weights = jnp.ones(x.shape[0], dtype) if weights is None else jnp.asarray(weights, dtype)
-        padded = weights > 0
-        data = HMoEData(
-            jnp.where(padded[:, None], x, 0.0).astype(dtype), jnp.where(padded, y, 0).astype(y.dtype), weights,
-            jnp.sum(weights),
-        )
+        x, y = inert_padding(x, y, weights)
+        data = HMoEData(x.astype(dtype), y, weights, jnp.sum(weights))
         nan = jnp.asarray(jnp.nan, dtype)
         params0 = canonicalize(self.family, params0)
         return data, HMoEState(params0, nan, nan, jnp.asarray(0), all_finite(params0))
@@ -333,26 +333,25 @@ class HierarchicalEM:
     def step(self, data: HMoEData, state: HMoEState, active) -> HMoEState:
         del active
         family, config, params = self.family, self.config, state.params
-        value, omega = _e_step(family, params, data)
+        value, omega, log_outer, log_inner = _e_step(family, params, data)
         n = omega.shape[0]
         experts = expert_mstep(
             family.leaves, config, _FlatParams({}, flat_experts(params)), data.x, data.y, omega.reshape(n, -1), data.total
         )
         outer, _ = gate_mstep(
-            family.outer, config, _FlatParams(params.outer, {}), outer_log_weights(family, params, data.x), data.x,
-            jnp.sum(omega, axis=-1), data.total,
+            family.outer, config, _FlatParams(params.outer, {}), log_outer, data.x, jnp.sum(omega, axis=-1), data.total
         )
 
-        def inner_step(group_params, group_omega):
-            log_pi = log_gate_weights(family.inner_gate, group_params, data.x)
-            return gate_mstep(family.inner, config, _FlatParams(group_params, {}), log_pi, data.x, group_omega, data.total)[0]
+        def inner_step(group_params, group_log_pi, group_omega):
+            return gate_mstep(family.inner, config, _FlatParams(group_params, {}), group_log_pi, data.x, group_omega,
+                              data.total)[0]
 
-        inner = jax.vmap(inner_step, in_axes=(0, 1))(params.inner, omega)
+        inner = jax.vmap(inner_step, in_axes=(0, 1, 1))(params.inner, log_inner, omega)
         new = HMoEParams(outer, inner, _grouped(family, experts))
         return HMoEState(new, value, state.log_likelihood, state.iteration + 1, jnp.isfinite(value) & all_finite(new))
 
     def finish(self, data: HMoEData, state: HMoEState, converged) -> FitResult:
-        value, _ = _e_step(self.family, state.params, data)
+        value = _e_step(self.family, state.params, data)[0]
         finite = state.finite & jnp.isfinite(value) & all_finite(state.params)
         return FitResult(canonicalize(self.family, state.params), value, state.iteration, converged & finite, finite)
 
