@@ -180,8 +180,10 @@ __all__ = [
     "default_exponent_table",
     "density_distances",
     "exact_fitted_loss",
+    "expert_errors_in_cells",
     "over_fitted_loss",
     "parameter_errors",
+    "voronoi_analysis",
     "voronoi_loss",
 ]
 
@@ -738,6 +740,19 @@ def parameter_errors(
     return _analyse(config, fitted, truth)[1]
 
 
+def voronoi_analysis(family: Family, fitted: MoEParams, truth: MoEParams, **options: Any) -> tuple[VoronoiLoss, ParameterErrors]:
+    """:func:`voronoi_loss` and :func:`parameter_errors` from one computation (the same arguments);
+    both come from the same cells and translation."""
+    defaults = {"exponents": None, "translation": "infimum", "weight": None, "canonical_truth": True, "search_steps": 40}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"voronoi_analysis: unknown option(s) {unknown}")
+    settings = {**defaults, **options}
+    config = _make_config(family, fitted, truth, settings["exponents"], settings["translation"], settings["weight"],
+                          settings["canonical_truth"], settings["search_steps"])
+    return _analyse(config, fitted, truth)
+
+
 def _num_atoms(family: Family, params: MoEParams) -> int:
     return params.expert[family.expert.fields[0].name].shape[-len(family.expert.fields[0].shape)]
 
@@ -793,6 +808,14 @@ def _cell_statistics(distance: jnp.ndarray, assignment: jnp.ndarray, num_true: i
     worst = jnp.max(jnp.where(membership, distance[:, None], -jnp.inf), axis=0)
     mean = jnp.sum(jnp.where(membership, distance[:, None], 0.0), axis=0) / jnp.maximum(count, 1)
     return jnp.where(count > 0, worst, jnp.nan), jnp.where(count > 0, mean, jnp.nan)
+
+
+def expert_errors_in_cells(family: Family, fitted: MoEParams, truth: MoEParams, assignment: jnp.ndarray,
+                          x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(worst, mean) of d_i over each true expert's cell, (k*,) each, for ONE fit whose cells are
+    given by ``assignment`` (k,), with E_x over the draws ``x``; NaN for an empty cell."""
+    distance = _expert_distances(family, fitted, truth, assignment, x)
+    return _cell_statistics(distance, assignment, _num_atoms(family, truth))
 
 
 def _check_monte_carlo(family: Family, truth: MoEParams, num_inputs: int) -> None:

@@ -18,6 +18,16 @@ the spirit of MINPACK's, which ``scipy.optimize.least_squares(method="lm")`` use
 scales a trust region instead of μ); S never increases. Small μ gives Gauss–Newton steps, large μ
 short scaled gradient steps.
 
+**A compact parameter set.** The rates of [5] and [10] are proved for parameters in a compact set Θ.
+Without one, an over-specified least-squares fit can use an extra expert to chase the noise with an
+ever sharper step (slopes in the hundreds at n = 10⁵), which the theorems exclude. With
+``bound = B`` the fit stays in the box Θ = [−B, B]^p: every trial point is projected onto the box
+(the start too), and is accepted only if S decreases, so S stays monotone. Coordinates on a face of
+the box whose descent direction points out of it are held fixed for the iteration, and the step
+solves the reduced system of the others (an active-set rule, so Gauss–Newton steps keep their speed
+along the face instead of being clipped back every time). A fit stopped on a face is stationary in
+the box; :func:`at_bound` tells which fits touch it.
+
 Everything runs under the protocol's drivers: the reported objective (the ``log_likelihood`` field
 of :class:`~moe_theory.fit.solver.FitResult`) is −S/Σw, minus the mean squared residual, so the
 stopping rule "relative change ≤ tol" is the same as for EM, and a NaN stops the fit with
@@ -60,6 +70,7 @@ class LeastSquaresConfig:
         damping_increase / damping_decrease: factors on μ after a rejected / accepted step.
         min_damping / max_damping: μ never shrinks below the first; an iteration gives up its step
             once μ would exceed the second.
+        bound: B > 0 to keep every parameter coordinate in [−B, B] (module docstring), or None.
     """
 
     max_iter: int = 1000
@@ -68,8 +79,11 @@ class LeastSquaresConfig:
     damping_decrease: float = 0.3
     min_damping: float = 1e-12
     max_damping: float = 1e20
+    bound: float | None = None
 
     def __post_init__(self) -> None:
+        if self.bound is not None and not (isinstance(self.bound, (int, float)) and 0 < self.bound < float("inf")):
+            raise ValueError(f"bound: expected a positive finite number or None, got {self.bound!r}")
         for name in ("max_iter",):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -98,6 +112,14 @@ class LeastSquaresState(NamedTuple):
     damping: jnp.ndarray
 
 
+def at_bound(params, bound: float | None) -> jnp.ndarray:
+    """True where some coordinate of ``params`` lies on the box |θ| = ``bound`` (False when unbounded)."""
+    if bound is None:
+        return jnp.asarray(False)
+    flat = ravel_pytree(params)[0]
+    return jnp.any(jnp.abs(flat) >= bound * (1 - 1e-12))
+
+
 def _mask_rows(x, keep):
     """Zero the rows of every leaf of ``x`` where ``keep`` is False, so padding cannot inject NaN."""
     return jax.tree_util.tree_map(lambda leaf: jnp.where(keep.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf, 0), x)
@@ -113,6 +135,17 @@ class LevenbergMarquardt:
     @property
     def max_iter(self) -> int:
         return self.config.max_iter
+
+    def _project(self, flat):
+        bound = self.config.bound
+        return flat if bound is None else jnp.clip(flat, -bound, bound)
+
+    def _free(self, flat, gradient):
+        """False for the coordinates on a face of the box that the descent direction −∇(S/2) leaves."""
+        bound = self.config.bound
+        if bound is None:
+            return jnp.ones(flat.shape, bool)
+        return ~(((flat >= bound) & (gradient < 0)) | ((flat <= -bound) & (gradient > 0)))
 
     def _residuals(self, data: LeastSquaresData, unravel, flat):
         return data.root_weights * (data.y - self.mean(unravel(flat), data.x))
@@ -133,6 +166,8 @@ class LevenbergMarquardt:
         keep = weights > 0
         data = LeastSquaresData(_mask_rows(x, keep), jnp.where(keep, y, 0).astype(dtype), jnp.sqrt(weights), jnp.sum(weights))
         flat, unravel = ravel_pytree(params0)
+        flat = self._project(flat)
+        params0 = unravel(flat)
         objective = -jnp.sum(self._residuals(data, unravel, flat) ** 2) / data.total
         nan = jnp.asarray(jnp.nan, dtype)
         state = LeastSquaresState(params0, objective, nan, jnp.asarray(0), all_finite(params0) & jnp.isfinite(objective),
@@ -150,10 +185,16 @@ class LevenbergMarquardt:
         current = jnp.sum(residuals**2)
         scale = jnp.maximum(jnp.diagonal(curvature), jnp.finfo(flat.dtype).eps * jnp.maximum(jnp.max(jnp.diagonal(curvature)), 1.0))
 
+        # Coordinates held on a face of the box, where S decreases only outwards, are fixed for this
+        # iteration (step 0); the others take the Levenberg–Marquardt step of the reduced system.
+        free = self._free(flat, gradient)
+        pair = free[:, None] & free[None, :]
+
         def trial(damping):
-            factor = linalg.cholesky(curvature + damping * jnp.diag(scale))
-            step = -linalg.solve_upper_transposed(factor, linalg.solve_lower(factor, gradient))
-            candidate = flat + step
+            system = jnp.where(pair, curvature + damping * jnp.diag(scale), 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0))
+            factor = linalg.cholesky(system)
+            step = -linalg.solve_upper_transposed(factor, linalg.solve_lower(factor, jnp.where(free, gradient, 0.0)))
+            candidate = self._project(flat + step)
             value = jnp.sum(self._residuals(data, unravel, candidate) ** 2)
             return candidate, value
 
