@@ -1,8 +1,14 @@
-"""Least squares on attention entries: our Levenberg–Marquardt against scipy.optimize.least_squares.
+"""Least squares: our Levenberg–Marquardt against scipy.optimize.least_squares, on two workloads.
 
-Workload: one entry of gated or plain attention (``configs/paper7_gated_attention.yaml``'s truth,
-H* = 2 heads, d = 2, L = 3 tokens, noise 0.1), fitted with ``--heads`` heads from the truth plus
-0.1·N(0, 1) (the study's start), to a relative change of the mean squared residual of ``--tol``.
+* ``--workload attention`` (default): one entry of gated or plain attention
+  (``configs/paper7_gated_attention.yaml``'s truth, H* = 2 heads, d = 2, L = 3 tokens, noise 0.1),
+  fitted with ``--heads`` heads from the truth plus 0.1·N(0, 1) (the study's start);
+* ``--workload regression``: the regression MoE of [5], [10], an arm ``--arm`` of
+  ``configs/paper10_lse_softmax.yaml`` (default ``sigmoid_exact``: softmax gate, sigmoid experts,
+  k = k* = 2, x ~ U[0, 1]), from the study's start. Use an exact arm: scipy's ``lm`` has no box, and
+  the over-specified arms end on the box's faces.
+
+Each fits to a relative change of the mean squared residual of ``--tol``.
 
 * **ours, one dataset**: :class:`moe_theory.fit.least_squares.LevenbergMarquardt` jitted, one fit;
 * **ours, vmapped**: ``--replicates`` datasets in one compiled program (the study's way);
@@ -16,6 +22,7 @@ memory estimate, and the largest gap to scipy's optimum in mean squared residual
 
     python benchmarks/bench_least_squares.py                     # n = 4000, MHSA, exact
     python benchmarks/bench_least_squares.py --position value --heads 3
+    python benchmarks/bench_least_squares.py --workload regression --samples 10000
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from moe_theory.fit.solver import run_solver
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workload", choices=["attention", "regression"], default="attention")
+    parser.add_argument("--arm", default="sigmoid_exact", help="regression workload: an arm of paper10_lse_softmax.yaml")
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--replicates", type=int, default=10)
     parser.add_argument("--position", default="none", choices=["none", "sdpa", "value", "output"])
@@ -45,9 +54,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    config = structured.load_config("configs/paper7_gated_attention.yaml")
-    position = None if args.position == "none" else args.position
-    arm = {"name": "bench", "position": position, "heads": args.heads}
+    if args.workload == "attention":
+        config = structured.load_config("configs/paper7_gated_attention.yaml")
+        position = None if args.position == "none" else args.position
+        arm = {"name": "bench", "position": position, "heads": args.heads}
+        workload = f"attention entry, position={args.position}, H = {args.heads} (truth H* = 2)"
+    else:
+        config = structured.load_config("configs/paper10_lse_softmax.yaml")
+        arms = {arm["name"]: arm for arm in config.arms}
+        if args.arm not in arms:
+            parser.error(f"--arm: expected one of {sorted(arms)}")
+        arm = arms[args.arm]
+        workload = f"regression MoE, paper10_lse_softmax arm {args.arm}"
     problem, truth = structured._problem(config, arm)
     keys = jax.random.split(jax.random.key(0), args.replicates)
     data = jax.vmap(lambda key: problem.sample(key, truth, args.samples))(keys)
@@ -104,7 +122,7 @@ def main() -> None:
     iterations = np.asarray(vmapped.n_iter)
     nfev = np.array([result.nfev for result in reference])
 
-    print(f"attention entry, position={args.position}, H = {args.heads} (truth H* = 2), n = {args.samples}, "
+    print(f"{workload}, n = {args.samples}, "
           f"{args.replicates} replicates, tol = {args.tol:g}, device {jax.devices()[0].device_kind}")
     header = f"{'method':<22}{'median iters':>14}{'wall s':>10}{'ms/iter/rep':>13}{'reps/s':>9}{'temp MiB':>10}{'max ΔMSE vs scipy':>20}"
     print(header)

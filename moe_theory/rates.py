@@ -752,6 +752,26 @@ def _other_rates() -> list[TheoreticalRate]:
             "(exponents not transcribed)",
         ),
         TheoreticalRate(
+            "softmax_lse_strongly_identifiable", "exact", "expert_error", -1 / 2, PAPERS[10],
+            "softmax-gated regression MoE by least squares, feed-forward experts h = act(aᵀx + b) with act = sigmoid "
+            "or tanh (strongly identifiable), k = k*",
+        ),
+        TheoreticalRate(
+            "softmax_lse_strongly_identifiable", "overfit_multi_atom", "expert_error", -1 / 4, PAPERS[10],
+            "as above with k > k*: the atoms of a Voronoi cell of several atoms (exponent 2 of the loss); cells of "
+            "one atom keep n^{-1/2}",
+        ),
+        TheoreticalRate(
+            "softmax_lse_polynomial", "overfit_multi_atom", "expert_error", None, PAPERS[10],
+            "softmax-gated regression MoE by least squares with polynomial experts (linear included), k > k*: slower "
+            "than any polynomial, through the interaction of gate and expert parameters",
+        ),
+        TheoreticalRate(
+            "sigmoid_lse_relu_gelu", "overfit_multi_atom", "expert_error", -1 / 4, PAPERS[5],
+            "unnormalised-sigmoid-gated regression MoE by least squares with ReLU/GELU experts, k > k*: polynomial "
+            "rate for the atoms of a multi-atom cell; fewer samples than the softmax gate needs for the same experts",
+        ),
+        TheoreticalRate(
             "gaussian_gated_gaussian", "any", "D", -1 / 2, PAPERS[8],
             "Gaussian-gated MoE, the paper's Voronoi loss; simulated slopes -0.502 to -0.517 "
             "with k* = 3 fitted by k = 4 and 5",

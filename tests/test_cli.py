@@ -162,3 +162,43 @@ def test_fit_command_fits_a_csv_and_writes_the_estimate_as_json(tmp_path):
         np.testing.assert_allclose(sorted(np.ravel(written["params"]["expert"]["a"])), [-1.0, 2.0], atol=0.1)
     with pytest.raises(SystemExit, match="error: likelihood='joint' needs the plain Gaussian gate"):
         run_cli("fit", "--data", data, "-k", "2", "--likelihood", "joint")
+
+
+def test_fit_with_least_squares_recovers_a_regression_moe_and_refuses_bad_input(tmp_path):
+    """`moe-theory fit --estimator lse` on a CSV drawn from a softmax-gated GELU regression MoE: the
+    mean squared residual reaches the noise variance, the fitted function is the truth's, and bad
+    settings or data stop with a message naming them."""
+    import jax
+    import numpy as np
+
+    from moe_theory import regression
+
+    family = regression.make_regression_family("softmax", "gelu", 2, 1)
+    truth = regression.make_regression_params(family, {"gate": {"beta0": [-5.0, 0.0], "beta1": [[10.0], [0.0]]},
+                                                       "expert": {"eta0": [3.6, -0.4], "eta1": [[-4.0], [4.0]]}})
+    x, y = regression.sample(jax.random.key(0), family, truth, 4000, 0.1)
+    data = tmp_path / "data.csv"
+    pd.DataFrame({"x1": np.asarray(x[:, 0]), "y": np.asarray(y)}).to_csv(data, index=False)
+    out = tmp_path / "fit.json"
+    code, _, err = run_cli("fit", "--data", data, "--estimator", "lse", "--expert", "gelu", "-k", "2", "--n-init", "8",
+                           "--bound", "30", "--out", out)
+    assert code == 0, err
+    written = json.loads(out.read_text())
+    assert written["estimator"] == "lse" and written["converged"] and written["n"] == 4000
+    assert abs(written["mean_squared_residual"] - 0.01) < 0.001
+    fitted = regression.make_regression_params(family, written["params"])
+    grid = np.linspace(0, 1, 101)[:, None]
+    gap = np.abs(np.asarray(regression.mean_function(family, fitted, grid) - regression.mean_function(family, truth, grid)))
+    assert gap.max() < 0.05
+    with pytest.raises(SystemExit, match="unknown regression expert 'gaussian'"):
+        run_cli("fit", "--data", data, "--estimator", "lse", "-k", "2")
+    with pytest.raises(SystemExit, match="--tol: expected a non-negative number"):
+        run_cli("fit", "--data", data, "--estimator", "lse", "--expert", "relu", "-k", "2", "--tol", "-1")
+    tiny = tmp_path / "tiny.csv"
+    pd.DataFrame({"x1": [0.1, 0.2, 0.3], "y": [1.0, 2.0, 3.0]}).to_csv(tiny, index=False)
+    with pytest.raises(SystemExit, match="3 rows cannot determine the 8 parameters"):
+        run_cli("fit", "--data", tiny, "--estimator", "lse", "--expert", "relu", "-k", "2")
+    infinite = tmp_path / "inf.csv"
+    pd.DataFrame({"x1": [0.1, 0.2, np.inf] * 5, "y": [1.0, 2.0, 3.0] * 5}).to_csv(infinite, index=False)
+    with pytest.raises(SystemExit, match="finite numbers"):
+        run_cli("fit", "--data", infinite, "--estimator", "lse", "--expert", "relu", "-k", "2")
