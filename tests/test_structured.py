@@ -141,9 +141,10 @@ def test_hmoe_config_errors_name_the_group(tmp_path):
 
 
 def test_shipped_structured_configs_load():
-    for name in ("paper7_gated_attention", "paper9_laplace_hmoe"):
+    for name, arms in (("paper7_gated_attention", 8), ("paper9_laplace_hmoe", 8), ("paper10_lse_softmax", 4),
+                       ("paper5_sigmoid_vs_softmax", 8)):
         config = structured.load_config(CONFIGS / f"{name}.yaml")
-        assert config.name == name and len(config.arms) == 8
+        assert config.name == name and len(config.arms) == arms
         assert config.raw.get("description"), "every shipped config needs a one-line description for `moe-theory list`"
         assert np.all(np.diff(config.sample_sizes) > 0)
 
@@ -157,3 +158,53 @@ def test_a_split_start_is_refused_where_it_would_change_the_density(tmp_path):
     config["arms"][0]["extra_experts"] = 0
     structured.load_config(_write(tmp_path, config))
 
+
+
+REGRESSION = {
+    "name": "tiny_regression", "kind": "regression", "seed": 1, "sample_sizes": [80, 160, 320], "replicates": 3,
+    "batch_size": 2, "error_draws": 256,
+    "truths": {"soft": {"gate": "softmax", "expert": "relu", "noise": 0.1,
+                        "params": {"gate": {"beta0": [-5.0, 0.0], "beta1": [[10.0], [0.0]]},
+                                   "expert": {"eta0": [3.6, -0.2], "eta1": [[-4.0], [2.0]]}}}},
+    "fit": {"max_iter": 50, "tol": 1.0e-10, "start_scale": 0.1, "bound": 20.0},
+    "arms": [{"name": "own", "truth": "soft", "extra_experts": 1},
+             {"name": "cross", "truth": "soft", "gate": "sigmoid", "extra_experts": 1, "compare_to": "own"}],
+}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"arms": [{"name": "a", "truth": "hard"}]}, r"arms\[a\]\.truth: expected one of \['soft'\]"),
+        ({"arms": [{"name": "a", "truth": "soft", "gate": "cosine"}]}, r"arms\[a\]\.gate: expected one of"),
+        ({"arms": [{"name": "a", "truth": "soft", "extra_experts": -1}]}, r"arms\[a\]\.extra_experts"),
+        ({"fit": {"bound": 5.0}}, r"fit\.bound: 5\.0 excludes the truth 'soft'"),
+        ({"fit": {"bound": -1.0}}, r"fit\.bound: bound: expected a positive"),
+        ({"truth": {}}, "truth: a regression study names its truths under 'truths'"),
+        ({"truths": {"soft": {**REGRESSION["truths"]["soft"], "expert": "swish"}}}, r"truths\.soft: expert: unknown regression"),
+        ({"truths": {"soft": {**REGRESSION["truths"]["soft"], "noise": -0.1}}}, r"truths\.soft\.noise: expected a non-negative"),
+        ({"truths": {"soft": {**REGRESSION["truths"]["soft"], "colour": 1}}}, r"truths\.soft: unknown key"),
+    ],
+)
+def test_malformed_regression_configs_name_the_file_and_the_key(tmp_path, change, message):
+    path = _write(tmp_path, {**REGRESSION, **change})
+    with pytest.raises(structured.StudyConfigError, match=message) as error:
+        structured.load_config(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_regression_study_runs_resumes_bit_identically_and_reports(tmp_path):
+    """Every fit is a row with its flags, a cross-gate arm has NaN gate errors but expert errors, a
+    resumed run recomputes nothing, and a rerun of the same config reproduces the table bit for bit."""
+    path = _write(tmp_path, REGRESSION)
+    run_dir = structured.run(path, tmp_path / "results")
+    table = pd.read_parquet(run_dir / "fits.parquet")
+    assert len(table) == 2 * 3 * 3 and set(table["arm"]) == {"own", "cross"}
+    cross, own = table[table["arm"] == "cross"], table[table["arm"] == "own"]
+    assert cross["beta1_error_0"].isna().all() and cross["expert_error_0"].notna().any()
+    assert own["beta1_error_0"].notna().any() and set(table["at_bound_0"].unique()) <= {0.0, 1.0}
+    report = (run_dir / "report.md").read_text()
+    assert "misspecified gate" in report and "What the theory says per arm" in report
+    again = structured.run(path, tmp_path / "again")
+    pd.testing.assert_frame_equal(table.drop(columns="cell_seconds"),
+                                  pd.read_parquet(again / "fits.parquet").drop(columns="cell_seconds"))
