@@ -180,7 +180,8 @@ __all__ = [
     "default_exponent_table",
     "density_distances",
     "exact_fitted_loss",
-    "expert_errors_in_cells",
+    "cell_statistics",
+    "expert_distances",
     "over_fitted_loss",
     "parameter_errors",
     "voronoi_analysis",
@@ -792,8 +793,9 @@ class ExpertErrors(NamedTuple):
     assignment: jnp.ndarray
 
 
-def _expert_distances(family: Family, fitted: MoEParams, truth: MoEParams, assignment, x) -> jnp.ndarray:
-    """d_i of every fitted expert to its assigned true expert, (k,), for one fit."""
+def expert_distances(family: Family, fitted: MoEParams, truth: MoEParams, assignment, x) -> jnp.ndarray:
+    """d_i of every fitted expert to its assigned true expert, (k,), for ONE fit, with E_x over the
+    draws ``x`` (for cells formed some other way than :func:`parameter_errors`)."""
     fitted_means = family.expert.mean(fitted.expert, x)  # (N, k) or class probabilities (N, k, C)
     true_means = family.expert.mean(truth.expert, x)[:, assignment]  # the assigned true expert's, same shape
     gap = jnp.abs(fitted_means - true_means)
@@ -802,20 +804,13 @@ def _expert_distances(family: Family, fitted: MoEParams, truth: MoEParams, assig
     return jnp.mean(gap, axis=0)
 
 
-def _cell_statistics(distance: jnp.ndarray, assignment: jnp.ndarray, num_true: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+def cell_statistics(distance: jnp.ndarray, assignment: jnp.ndarray, num_true: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(worst, mean) of per-atom values over each true atom's cell, (k*,) each; NaN for an empty cell."""
     membership = assignment[:, None] == jnp.arange(num_true)[None, :]  # (k, k*)
     count = jnp.sum(membership, axis=0)
     worst = jnp.max(jnp.where(membership, distance[:, None], -jnp.inf), axis=0)
     mean = jnp.sum(jnp.where(membership, distance[:, None], 0.0), axis=0) / jnp.maximum(count, 1)
     return jnp.where(count > 0, worst, jnp.nan), jnp.where(count > 0, mean, jnp.nan)
-
-
-def expert_errors_in_cells(family: Family, fitted: MoEParams, truth: MoEParams, assignment: jnp.ndarray,
-                          x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(worst, mean) of d_i over each true expert's cell, (k*,) each, for ONE fit whose cells are
-    given by ``assignment`` (k,), with E_x over the draws ``x``; NaN for an empty cell."""
-    distance = _expert_distances(family, fitted, truth, assignment, x)
-    return _cell_statistics(distance, assignment, _num_atoms(family, truth))
 
 
 def _check_monte_carlo(family: Family, truth: MoEParams, num_inputs: int) -> None:
@@ -853,8 +848,8 @@ def expert_errors(
     num_true = _num_atoms(family, truth)
 
     def one(fitted_one, assignment):
-        distance = _expert_distances(family, fitted_one, truth, assignment, x)
-        worst, mean = _cell_statistics(distance, assignment, num_true)
+        distance = expert_distances(family, fitted_one, truth, assignment, x)
+        worst, mean = cell_statistics(distance, assignment, num_true)
         return ExpertErrors(worst, mean, distance, assignment)
 
     for _ in range(_batch_ndim(family, fitted, "fitted")):

@@ -35,6 +35,12 @@ expert j is the worst over its cell of E_x|ĥ_i(x) − h*_j(x)|. When the fitted
 truth's (a softmax MoE fitted to sigmoid-generated data), gate parameters mean different things,
 so the cells are formed from the expert parameters alone and gate errors and the loss are NaN.
 
+The worst atom of a cell need not be one the fit uses: an over-specified fit may switch an extra
+atom off (its gate weight → 0 on the inputs) and leave its expert anywhere, which the Voronoi loss
+discounts through the atom's weight but the worst-atom error does not. So each cell also gets the
+**used expert error** Σ_{i∈A_j} u_i d_i / Σ_{i∈A_j} u_i with u_i = E_x[w_i(x)], the atom's average gate
+weight on the inputs (invariant under the softmax translation) [ours].
+
 [5] Nguyen, Ho, Rinaldo, "Sigmoid Gating is More Sample Efficient than Softmax Gating in Mixture of
 Experts", NeurIPS 2024, arXiv 2405.13997. [10] Nguyen, Ho, Rinaldo, "On Least Square Estimation in
 Softmax Gating Mixture of Experts", ICML 2024, arXiv 2402.02952.
@@ -339,6 +345,7 @@ class RegressionErrors(NamedTuple):
     """Per true expert j (arrays (k*,), with the fitted parameters' batch axes in front)."""
 
     expert_error: jnp.ndarray  # max over the cell of E_x|ĥ_i − h*_j|
+    used_expert_error: jnp.ndarray  # its mean over the cell weighted by each atom's use E_x[w_i(x)]
     block_error: dict[str, jnp.ndarray]  # block -> max over the cell of ‖Δ‖ (gate blocks NaN across gates)
     mass_error: jnp.ndarray  # |Σ_{i∈A_j} w_i − w*_j| (NaN across gates)
     cell_size: jnp.ndarray  # |A_j|
@@ -384,10 +391,16 @@ def regression_errors(key: jax.Array, fitted_family: RegressionFamily, fitted: M
             block_error[field.name] = jnp.where(jnp.any(membership, axis=0),
                                                 jnp.max(jnp.where(membership, gap[:, None], -jnp.inf), axis=0), jnp.nan)
         mass_error, total = nan, jnp.asarray(jnp.nan, x.dtype)
-    worst, _ = losses.expert_errors_in_cells(family, fitted, truth, assignment, x)
-    sizes = jnp.sum(assignment[:, None] == jnp.arange(num_true)[None, :], axis=0)
+    distance = losses.expert_distances(family, fitted, truth, assignment, x)
+    worst, _ = losses.cell_statistics(distance, assignment, num_true)
+    use = jnp.mean(gate_weights(fitted_family, fitted, x), axis=0)  # (k,) E_x[w_i(x)], translation-free
+    membership = assignment[:, None] == jnp.arange(num_true)[None, :]
+    cell_use = jnp.sum(jnp.where(membership, use[:, None], 0.0), axis=0)
+    used = jnp.sum(jnp.where(membership, (use * distance)[:, None], 0.0), axis=0) / cell_use
+    used = jnp.where(jnp.any(membership, axis=0), used, jnp.nan)
+    sizes = jnp.sum(membership, axis=0)
     function_error = jnp.mean(jnp.abs(mean_function(fitted_family, fitted, x) - mean_function(true_family, truth, x)))
-    return RegressionErrors(worst, block_error, mass_error, sizes, total, function_error)
+    return RegressionErrors(worst, used, block_error, mass_error, sizes, total, function_error)
 
 
 def canonical(family: RegressionFamily, params: MoEParams) -> MoEParams:

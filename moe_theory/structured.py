@@ -304,7 +304,8 @@ class RegressionProblem:
     def score(self, fitted, truth, key) -> dict[str, jnp.ndarray]:
         errors = jax.vmap(lambda one: regression.regression_errors(
             key, self.fitted_family, one, self.true_family, truth, self.inputs, self.error_draws))(fitted)
-        out = {"expert_error": errors.expert_error, "cell_size": errors.cell_size, "mass_error": errors.mass_error,
+        out = {"expert_error": errors.expert_error, "used_expert_error": errors.used_expert_error,
+               "cell_size": errors.cell_size, "mass_error": errors.mass_error,
                "voronoi_loss": errors.loss[:, None], "function_error": errors.function_error[:, None],
                "at_bound": jax.vmap(lambda one: at_bound(one, self.solver.config.bound))(fitted)[:, None].astype(jnp.float64)}
         out.update({f"{name}_error": value for name, value in errors.block_error.items()})
@@ -566,7 +567,7 @@ def _comparable_blocks(config: StudyConfig, arm: Mapping, reference: Mapping) ->
     if config.kind == "attention":
         return {"score", "value"}
     if config.kind == "regression":
-        blocks = {field.name for field in problem.true_family.expert.fields}
+        blocks = {field.name for field in problem.true_family.expert.fields} | {"used_expert", "function"}
         gates = {(p.fitted_family.gate_type, p.true_family.gate_type, p.true_family.score) for p in (problem, other)}
         if len(gates) == 1 and problem.fitted_family.gate_type == problem.true_family.gate_type:
             blocks |= {field.name for field in problem.fitted_family.gate.fields if field.role != "offset"}

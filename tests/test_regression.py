@@ -220,8 +220,12 @@ def test_errors_equal_a_numpy_oracle_for_a_relabelled_perturbed_fit():
     true0, true1 = np.asarray(truth.expert["eta0"]), np.asarray(truth.expert["eta1"])
     distance = [np.mean([abs(math.tanh(eta1[i] @ row + eta0[i]) - math.tanh(true1[j] @ row + true0[j])) for row in x])
                 for i, j in enumerate(order)]
-    np.testing.assert_allclose(np.asarray(errors.expert_error), [distance[2], max(distance[0], 0.0)], rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(errors.expert_error), [max(distance[1], distance[2]), distance[0]], rtol=1e-10)
     np.testing.assert_array_equal(np.asarray(errors.cell_size), [2, 1])
+    beta0, beta1 = np.asarray(fitted.gate["beta0"]), np.asarray(fitted.gate["beta1"])
+    use = [np.mean([1 / (1 + math.exp(-(beta1[i] @ row + beta0[i]))) for row in x]) for i in range(3)]
+    np.testing.assert_allclose(np.asarray(errors.used_expert_error),
+                               [(use[1] * distance[1] + use[2] * distance[2]) / (use[1] + use[2]), distance[0]], rtol=1e-10)
     # The worst parameter error over a cell is the largest block distance of its atoms.
     gap = np.abs(np.asarray(fitted.expert["eta0"]) - true0[order])
     np.testing.assert_allclose(np.asarray(errors.block_error["eta0"]), [max(gap[1], gap[2]), gap[0]], rtol=1e-12)
