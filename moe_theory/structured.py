@@ -19,7 +19,8 @@ nested gates or tied parameters, so they get this runner, which keeps the sweep'
   finite fits; the median makes them robust to a few bad ones.
 
 The report (:func:`report`) writes ``cells.csv`` (converged and finite fractions, fits that lose a
-true expert, iterations, seconds per cell), ``rates.csv`` (per arm, for each true expert's error and
+true expert, fits whose objective on their own data reaches the truth's, iterations, seconds per
+cell), ``rates.csv`` (per arm, for each true expert's error and
 the worst of every error family: the log-log slope of the mean and of the median with bootstrap
 CIs, and a power law against 1/log(n)^λ, :mod:`moe_theory.rates`), ``contrasts.csv`` (paired slope
 differences against the compared arm), ``complexity.csv`` and ``complexity_ratios.csv`` (n(ε) per
@@ -221,6 +222,10 @@ class AttentionProblem:
         X, y = data
         return run_solver(self.solver, params0, X, y, None, self.tol)
 
+    def truth_objective(self, truth, data):
+        X, y = data
+        return -jnp.mean((y - attention.entry(self.true_model, truth, X)) ** 2)
+
     def error_inputs(self, key, truth):
         return attention.sample(key, self.true_model, truth, self.error_draws, 0.0)[0]
 
@@ -261,6 +266,10 @@ class HMoEProblem:
         x, y = data
         return run_solver(self.solver, params0, x, y, None, self.tol)
 
+    def truth_objective(self, truth, data):
+        x, y = data
+        return hierarchical.log_likelihood(self.true_family, truth, x, y)
+
     def error_inputs(self, key, truth):
         return key
 
@@ -297,6 +306,10 @@ class RegressionProblem:
     def fit(self, params0, data):
         x, y = data
         return run_solver(self.solver, params0, x, y, None, self.tol)
+
+    def truth_objective(self, truth, data):
+        x, y = data
+        return -jnp.mean((y - regression.mean_function(self.true_family, truth, x)) ** 2)
 
     def error_inputs(self, key, truth):
         return key
@@ -441,7 +454,8 @@ def _fit_program(problem, truth, seed: int, n: int):
         def one(replicate):
             data_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(root, DATA_STREAM), n), replicate)
             start_key = jax.random.fold_in(jax.random.fold_in(root, START_STREAM), replicate)
-            return problem.fit(problem.start(start_key, truth), problem.sample(data_key, truth, n))
+            data = problem.sample(data_key, truth, n)
+            return problem.fit(problem.start(start_key, truth), data), problem.truth_objective(truth, data)
 
         _PROGRAMS[cache_key] = jax.jit(jax.vmap(one))
     return _PROGRAMS[cache_key]
@@ -462,14 +476,15 @@ def _run_cell(config: StudyConfig, arm: Mapping, n: int) -> pd.DataFrame:
     started = time.perf_counter()
     for first in range(0, config.replicates, config.batch_size):
         ids = jnp.arange(first, first + config.batch_size)
-        result = jax.block_until_ready(program(ids))
+        result, truth_objective = jax.block_until_ready(program(ids))
         scores = jax.tree_util.tree_map(np.asarray, score(result.params))
         for i, replicate in enumerate(np.asarray(ids)):
             if replicate >= config.replicates:
                 continue
             row = {"arm": arm["name"], "n": n, "replicate": int(replicate),
                    "converged": bool(result.converged[i]), "finite": bool(result.finite[i]),
-                   "n_iter": int(result.n_iter[i]), "objective": float(result.log_likelihood[i])}
+                   "n_iter": int(result.n_iter[i]), "objective": float(result.log_likelihood[i]),
+                   "truth_objective": float(truth_objective[i])}
             for name, values in scores.items():
                 for j, value in enumerate(values[i]):
                     row[f"{name}_{j}"] = float(value) if row["finite"] or name in ("cell_size", "at_bound") else np.nan
@@ -602,11 +617,16 @@ def report(run_dir: str | Path, n_boot: int = 1000) -> Path:
     # A finite fit whose Voronoi cells leave a true expert empty has no worst error (NaN): it is left
     # out of the rates, and counted here so that the omission shows.
     table["lost_expert"] = table["finite"] & table["expert_error_worst"].isna()
+    # A fit whose objective on its own data is below the truth's cannot be the global optimum: the
+    # fraction at or above it says how much of the error is the estimator's, not the optimiser's.
+    if "truth_objective" in table.columns:
+        table["beats_truth"] = table["finite"] & (table["objective"] >= table["truth_objective"])
     cells = table.groupby(["arm", "n"], sort=False).agg(
         fits=("converged", "size"), converged=("converged", "mean"), finite=("finite", "mean"),
         lost_expert=("lost_expert", "sum"),
         median_iterations=("n_iter", "median"), seconds=("cell_seconds", "first"),
         mean_worst_error=("expert_error_worst", "mean"), median_worst_error=("expert_error_worst", "median"),
+        **({"beats_truth": ("beats_truth", "mean")} if "beats_truth" in table.columns else {}),
         **({"at_bound": ("at_bound_0", "mean")} if "at_bound_0" in table.columns else {}),
     ).reset_index()
     cells.to_csv(run_dir / "cells.csv", index=False)
@@ -761,6 +781,10 @@ def _write_report(run_dir: Path, config: StudyConfig, cells, rates, ratios, cont
         if "at_bound" in cells.columns:
             lines += ["", f"Fits with a coordinate on the box |θ| = {config.raw.get('fit', {}).get('bound')}: "
                       f"{cells['at_bound'].mean():.0%} over all cells (per cell in the table below)."]
+    if "beats_truth" in cells.columns:
+        lines += ["", f"Fits whose objective on their own data is at least the truth's (`beats_truth`): "
+                  f"{cells['beats_truth'].mean():.0%} over all cells. A fit below the truth has not found the "
+                  "global optimum, so there part of the error is the optimiser's."]
     lines += ["", "Law: the AIC-preferred of a power law and 1/log(n)^λ for the median worst expert error "
               f"(AIC(power) − AIC(log) in brackets; positive favours the log law), 'neither' when |ΔAIC| < {DECISIVE_AIC:g}: "
               "both laws have two parameters, and over one or two decades of n they can fit equally well.", "",

@@ -203,6 +203,10 @@ def test_a_regression_study_runs_resumes_bit_identically_and_reports(tmp_path):
     cross, own = table[table["arm"] == "cross"], table[table["arm"] == "own"]
     assert cross["beta1_error_0"].isna().all() and cross["expert_error_0"].notna().any()
     assert own["beta1_error_0"].notna().any() and set(table["at_bound_0"].unique()) <= {0.0, 1.0}
+    # The truth's objective is recorded on each fit's own data; least squares from a near-truth start
+    # ends at or below the truth's mean squared residual on well-specified arms.
+    assert (own["objective"] >= own["truth_objective"]).mean() > 0.5
+    assert "beats_truth" in pd.read_csv(run_dir / "cells.csv").columns
     report = (run_dir / "report.md").read_text()
     assert "misspecified gate" in report and "What the theory says per arm" in report
     again = structured.run(path, tmp_path / "again")
