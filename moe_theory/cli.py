@@ -64,6 +64,16 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return values[inputs].to_numpy(float), values["y"].to_numpy()
 
 
+def _json_or_name(text: str, option: str):
+    """A registry name, or a JSON object for a name with options (``{"name": ..., ...}``)."""
+    if not text.startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"error: {option}: invalid JSON ({error})") from None
+
+
 def _check_fit_settings(args: argparse.Namespace) -> None:
     if args.num_experts < 1:
         raise SystemExit(f"error: --num-experts: expected a positive integer, got {args.num_experts}")
@@ -95,7 +105,7 @@ def _least_squares_command(args: argparse.Namespace, x: np.ndarray, y: np.ndarra
 
     if not np.issubdtype(np.asarray(y).dtype, np.number) or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise SystemExit(f"error: --data {args.data}: least squares needs finite numbers in every x and y")
-    expert = json.loads(args.expert) if args.expert.startswith("{") else args.expert
+    expert = _json_or_name(args.expert or "linear", "--expert")
     try:
         family = regression.make_regression_family(args.gate, expert, args.num_experts, x.shape[1], args.score)
         settings = LeastSquaresConfig(max_iter=args.max_iter, bound=args.bound)
@@ -138,11 +148,13 @@ def _fit_command(args: argparse.Namespace) -> int:
     from .params import params_to_dict
 
     _check_fit_settings(args)
+    if args.estimator != "lse" and (args.bound is not None or args.score != "linear"):
+        raise SystemExit("error: --bound and --score apply to --estimator lse only")
     x, y = _read_csv(Path(args.data))
     if args.estimator == "lse":
         return _least_squares_command(args, x, y)
-    gate = json.loads(args.gate) if args.gate.startswith("{") else args.gate
-    expert = json.loads(args.expert) if args.expert.startswith("{") else args.expert
+    gate = _json_or_name(args.gate, "--gate")
+    expert = _json_or_name(args.expert or "gaussian", "--expert")
     try:
         family = make_family(gate, expert, args.num_experts, x.shape[1], args.num_classes)
         config = replace(EM_DEFAULTS, max_iter=args.max_iter, gate_steps=args.gate_steps, likelihood=args.likelihood)
@@ -536,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser = commands.add_parser("fit", help="fit a mixture of experts to a CSV of x1..xd, y")
     fit_parser.add_argument("--data", required=True, help="CSV file with columns x1..xd and y")
     fit_parser.add_argument("--gate", default="softmax", help="gate preset name or a JSON dict (default softmax)")
-    fit_parser.add_argument("--expert", default="gaussian", help="expert name or a JSON dict (default gaussian)")
+    fit_parser.add_argument("--expert", default=None,
+                            help="expert name or a JSON dict (default gaussian; linear with --estimator lse)")
     fit_parser.add_argument("--num-experts", "-k", type=int, required=True, help="number of experts k")
     fit_parser.add_argument("--num-classes", type=int, default=None, help="classes C for multinomial-logistic experts")
     fit_parser.add_argument("--method", choices=METHODS, default=FIT_DEFAULTS.method)

@@ -39,7 +39,9 @@ The worst atom of a cell need not be one the fit uses: an over-specified fit may
 atom off (its gate weight → 0 on the inputs) and leave its expert anywhere, which the Voronoi loss
 discounts through the atom's weight but the worst-atom error does not. So each cell also gets the
 **used expert error** Σ_{i∈A_j} u_i d_i / Σ_{i∈A_j} u_i with u_i = E_x[w_i(x)], the atom's average gate
-weight on the inputs (invariant under the softmax translation) [ours].
+weight on the inputs (invariant under the softmax translation) [ours]. An atom can also be switched
+off through its expert (η = 0 makes a linear, ReLU, GELU, tanh or polynomial expert vanish); that
+atom keeps its use u_i, so neither expert error discounts it.
 
 [5] Nguyen, Ho, Rinaldo, "Sigmoid Gating is More Sample Efficient than Softmax Gating in Mixture of
 Experts", NeurIPS 2024, arXiv 2405.13997. [10] Nguyen, Ho, Rinaldo, "On Least Square Estimation in
@@ -274,11 +276,12 @@ def split_start(key: jax.Array, family: RegressionFamily, truth: MoEParams, extr
 
 def random_start(key: jax.Array, family: RegressionFamily, x: jnp.ndarray, y: jnp.ndarray) -> MoEParams:
     """A data-scaled random start for a user's dataset: gate slopes N(0, 1/sd(x)²) (locations at
-    random data points for distance scores), offsets 0; expert slopes N(0, 1/sd(x)²) and intercepts
-    at random quantiles of y (constant and linear experts) or N(0, 1) (saturating activations)."""
+    random data points for distance scores), offsets 0; expert slopes N(0, 1/(4 sd(x)²)); expert
+    intercepts at random quantiles of y for constant, linear and polynomial experts, and N(0, 1) for
+    ReLU, GELU, sigmoid and tanh, whose intercept places the activation's bend, not the level."""
     k, d = family.num_experts, family.dim
     dtype = x.dtype
-    keys = jax.random.split(key, 5)
+    keys = jax.random.split(key, 4)
     spread = jnp.maximum(jnp.std(x, axis=0), 1e-12)
     if family.score == "linear":
         beta1 = jax.random.normal(keys[0], (k, d), dtype) / spread
@@ -317,12 +320,32 @@ def exponent_table(family: RegressionFamily, overspecified: bool) -> losses.Expo
     return losses.UNKNOWN_MULTI_ATOM
 
 
+def represents(fitted_family: RegressionFamily, true_family: RegressionFamily) -> bool:
+    """Whether every regression function of ``true_family`` is one of ``fitted_family``'s (same expert).
+
+    Same gate and score with at least as many experts: yes. An unnormalised sigmoid gate fitted to a
+    softmax truth of k* = 2 experts with the linear score: yes, since softmax weights of two experts are
+    σ(Δs) and σ(−Δs), the sigmoid pair with parameters (Δβ, −Δβ) (extra atoms switched off by a very
+    negative offset). Otherwise we do not claim it (a softmax gate cannot give weights that do not
+    sum to one)."""
+    if fitted_family.expert != true_family.expert or fitted_family.num_experts < true_family.num_experts:
+        return False
+    if (fitted_family.gate_type, fitted_family.score) == (true_family.gate_type, true_family.score):
+        return True
+    return (fitted_family.gate_type, true_family.gate_type, true_family.score, true_family.num_experts) == (
+        "sigmoid", "softmax", "linear", 2)
+
+
 def expectation(true_family: RegressionFamily, fitted_family: RegressionFamily) -> str:
     """What [5] and [10] say about the expert error of this (data, fit) pair, in one sentence; it
     never claims more than the papers prove, and says when a statement is ours."""
     if (fitted_family.gate_type, fitted_family.score) != (true_family.gate_type, true_family.score):
-        return ("misspecified gate: the fit cannot represent the data's regression function in general, so its error "
-                "has a floor; no theorem covers this pair")
+        if represents(fitted_family, true_family):
+            return ("the other gate, but well-specified: two softmax weights are the sigmoid pair σ(Δs), σ(−Δs), so the "
+                    "fit contains the truth, in another parametrisation (gate errors are not comparable); no theorem "
+                    "gives this pair a rate [ours]")
+        return ("misspecified gate: a softmax gate cannot give weights that do not sum to one, so the fit cannot "
+                "represent the data's regression function and its error has a floor; no theorem covers this pair")
     label, gate = true_family.expert.label, true_family.gate_type
     if fitted_family.num_experts == true_family.num_experts:
         return ("exact fit (k = k*): n^{-1/2} for every expert, the parametric rate ([10]'s and [5]'s theorems for "
@@ -383,13 +406,11 @@ def regression_errors(key: jax.Array, fitted_family: RegressionFamily, fitted: M
         assignment = _expert_only_cells(family, fitted, truth)
         nan = jnp.full((num_true,), jnp.nan, x.dtype)
         block_error = {field.name: nan for field in family.gate.fields if field.role != "offset"}
-        membership = assignment[:, None] == jnp.arange(num_true)[None, :]
         for field in family.expert.fields:
             k = fitted.expert[field.name].shape[0]
             gap = jnp.sqrt(jnp.sum((fitted.expert[field.name].reshape(k, -1)
                                     - truth.expert[field.name].reshape(num_true, -1)[assignment]) ** 2, axis=-1))
-            block_error[field.name] = jnp.where(jnp.any(membership, axis=0),
-                                                jnp.max(jnp.where(membership, gap[:, None], -jnp.inf), axis=0), jnp.nan)
+            block_error[field.name] = losses.cell_statistics(gap, assignment, num_true)[0]
         mass_error, total = nan, jnp.asarray(jnp.nan, x.dtype)
     distance = losses.expert_distances(family, fitted, truth, assignment, x)
     worst, _ = losses.cell_statistics(distance, assignment, num_true)

@@ -1,5 +1,5 @@
-"""Rate studies of structured models: hierarchical MoE (density, EM) and attention entries (regression,
-least squares) (``docs/hierarchical.md``, ``docs/attention.md``).
+"""Rate studies of structured models: hierarchical MoE (density, EM), attention entries and regression
+MoE (least squares) (``docs/hierarchical.md``, ``docs/attention.md``, ``docs/regression.md``).
 
 The flat sweep (:mod:`moe_theory.sweep`) runs studies of one gate × one expert; these models have
 nested gates or tied parameters, so they get this runner, which keeps the sweep's guarantees:
@@ -27,8 +27,8 @@ differences against the compared arm), ``complexity.csv`` and ``complexity_ratio
 arm, and each arm's n(ε) over its compared arm's with paired bootstrap CIs,
 :mod:`moe_theory.complexity`), ``figures/expert_error.png`` and ``report.md``.
 
-Configs are YAML; ``configs/paper7_gated_attention.yaml`` and ``configs/paper9_laplace_hmoe.yaml``
-are the shipped ones. Run: ``python -m moe_theory.structured CONFIG [--resume RUN_DIR]``.
+Configs are YAML; ``configs/paper7_gated_attention.yaml``, ``configs/paper9_laplace_hmoe.yaml``,
+``configs/paper10_lse_softmax.yaml`` and ``configs/paper5_sigmoid_vs_softmax.yaml`` are the shipped ones. Run: ``python -m moe_theory.structured CONFIG [--resume RUN_DIR]``.
 """
 
 from __future__ import annotations
@@ -169,6 +169,9 @@ def load_config(path: str | Path) -> StudyConfig:
         replicates=_positive_int(raw, "replicates", "", path), batch_size=_positive_int(raw, "batch_size", "", path, 10),
         arms=tuple(arms), reference=reference, error_draws=_positive_int(raw, "error_draws", "", path, 4096),
     )
+    if kind == "regression":
+        for name in _require(raw, "truths", "", path, dict):
+            _regression_truth(config, name)  # every truth, including one that no arm names yet
     for arm in config.arms:
         _problem(config, arm)  # builds every arm once, so a bad truth or arm fails before any fit
     return config
@@ -295,6 +298,10 @@ class RegressionProblem:
     tol: float = 1e-10
     error_draws: int = 4096
 
+    @property
+    def truth_in_model(self) -> bool:
+        return regression.represents(self.fitted_family, self.true_family)
+
     def sample(self, key, truth, n):
         return regression.sample(key, self.true_family, truth, n, self.noise, self.inputs)
 
@@ -325,53 +332,76 @@ class RegressionProblem:
         return out
 
 
-def _regression_problem(config: StudyConfig, arm: Mapping[str, Any], where: str):
-    raw, path = config.raw, config.path
-    truths = _require(raw, "truths", "", path, dict)
-    name = _require(arm, "truth", where, path, str)
-    if name not in truths:
-        raise StudyConfigError(f"{path}: {where}truth: expected one of {sorted(truths)}, got {name!r}")
-    spec = truths[name]
+def _number(mapping: Mapping, key: str, where: str, path: Path, default: float, positive: bool = False) -> float:
+    """A finite real number ≥ 0 (> 0 with ``positive``) at ``key``; booleans and strings are refused."""
+    value = mapping.get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) and (
+        value > 0 if positive else value >= 0)
+    if not ok:
+        raise StudyConfigError(f"{path}: {where}{key}: expected a finite number {'> 0' if positive else '≥ 0'}, got {value!r}")
+    return float(value)
+
+
+def _least_squares_settings(config: StudyConfig, truth) -> tuple[LeastSquaresConfig, float, float]:
+    """(solver settings, start scale, tol) from ``fit``; a box must contain every true parameter."""
+    fit, path = config.raw.get("fit", {}), config.path
+    bound = None if fit.get("bound") is None else _number(fit, "bound", "fit.", path, 0.0, positive=True)
+    settings = LeastSquaresConfig(max_iter=_positive_int(fit, "max_iter", "fit.", path, 1000), bound=bound)
+    largest = float(np.max(np.abs(np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(truth)]))))
+    if bound is not None and largest > bound:
+        raise StudyConfigError(f"{path}: fit.bound: {bound:g} excludes a true parameter of size {largest:g}; "
+                               "the box must contain the truth")
+    return settings, _number(fit, "start_scale", "fit.", path, 0.1), _number(fit, "tol", "fit.", path, 1e-10)
+
+
+def _regression_truth(config: StudyConfig, name: str):
+    """(family, params, noise, inputs) of ``truths.<name>``; errors name the file and the key."""
+    path = config.path
     at = f"truths.{name}."
+    spec = _require(config.raw, "truths", "", path, dict)[name]
     if not isinstance(spec, dict):
         raise StudyConfigError(f"{path}: truths.{name}: expected a mapping with some of {sorted(TRUTH_KEYS)}")
     unknown = sorted(set(spec) - TRUTH_KEYS)
     if unknown:
         raise StudyConfigError(f"{path}: truths.{name}: unknown key(s) {unknown}; expected some of {sorted(TRUTH_KEYS)}")
     values = _require(spec, "params", at, path, dict)
-    beta0 = np.asarray(_require(_require(values, "gate", f"{at}params.", path, dict), "beta0", f"{at}params.gate.", path))
-    if beta0.ndim != 1 or beta0.size < 1:
-        raise StudyConfigError(f"{path}: {at}params.gate.beta0: expected a list with one entry per expert, got {beta0.tolist()!r}")
-    beta1 = np.asarray(values["gate"].get("beta1", [[0.0]] * beta0.size))
-    dim = int(beta1.shape[1]) if beta1.ndim == 2 else 1
+    gate_values = _require(values, "gate", f"{at}params.", path, dict)
+    gate, expert = _require(spec, "gate", at, path, str), _require(spec, "expert", at, path)
     try:
-        true_family = regression.make_regression_family(_require(spec, "gate", at, path, str), _require(spec, "expert", at, path),
-                                                        int(beta0.size), dim, spec.get("score", "linear"))
-        truth = regression.make_regression_params(true_family, values)
+        beta0 = np.asarray(_require(gate_values, "beta0", f"{at}params.gate.", path), dtype=float)
+        beta1 = np.asarray(gate_values.get("beta1", [[0.0]] * max(beta0.size, 1)), dtype=float)
+        if beta0.ndim != 1 or beta0.size < 1:
+            raise ValueError(f"params.gate.beta0: expected a list with one entry per expert, got {beta0.tolist()!r}")
+        family = regression.make_regression_family(gate, expert, int(beta0.size), int(beta1.shape[1]) if beta1.ndim == 2 else 1,
+                                                   spec.get("score", "linear"))
+        truth = regression.make_regression_params(family, values)
+        inputs = make_inputs(spec.get("inputs", "uniform"))
+    except StudyConfigError:
+        raise
     except (ValueError, TypeError) as error:
         raise StudyConfigError(f"{path}: truths.{name}: {error}") from None
-    noise = spec.get("noise", 0.1)
-    if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise >= 0:
-        raise StudyConfigError(f"{path}: {at}noise: expected a non-negative number, got {noise!r}")
+    return family, truth, _number(spec, "noise", at, path, 0.1), inputs
+
+
+def _regression_problem(config: StudyConfig, arm: Mapping[str, Any], where: str):
+    path = config.path
+    truths = _require(config.raw, "truths", "", path, dict)
+    name = _require(arm, "truth", where, path, str)
+    if name not in truths:
+        raise StudyConfigError(f"{path}: {where}truth: expected one of {sorted(truths)}, got {name!r}")
+    true_family, truth, noise, inputs = _regression_truth(config, name)
     extra = arm.get("extra_experts", 0)
     if not isinstance(extra, int) or isinstance(extra, bool) or extra < 0:
         raise StudyConfigError(f"{path}: {where}extra_experts: expected a non-negative integer, got {extra!r}")
     gate = arm.get("gate", true_family.gate_type)
     if gate not in regression.GATE_TYPES:
         raise StudyConfigError(f"{path}: {where}gate: expected one of {regression.GATE_TYPES}, got {gate!r}")
-    fitted_family = regression.RegressionFamily(gate, true_family.expert, true_family.num_experts + extra, dim, true_family.score)
-    fit = raw.get("fit", {})
-    bound = fit.get("bound")
-    try:
-        settings = LeastSquaresConfig(max_iter=_positive_int(fit, "max_iter", "fit.", path, 1000),
-                                      bound=None if bound is None else float(bound))
-    except (ValueError, TypeError) as error:
-        raise StudyConfigError(f"{path}: fit.bound: {error}") from None
-    if bound is not None and np.max(np.abs(np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(truth)]))) > bound:
-        raise StudyConfigError(f"{path}: fit.bound: {bound} excludes the truth {name!r}; the box must contain it")
-    problem = RegressionProblem(true_family, fitted_family, extra, float(noise), make_inputs(spec.get("inputs", "uniform")),
-                                float(fit.get("start_scale", 0.1)), LevenbergMarquardt(regression.RegressionMean(fitted_family), settings),
-                                float(fit.get("tol", 1e-10)), config.error_draws)
+    fitted_family = regression.RegressionFamily(gate, true_family.expert, true_family.num_experts + extra,
+                                                true_family.dim, true_family.score)
+    settings, start_scale, tol = _least_squares_settings(config, truth)
+    problem = RegressionProblem(true_family, fitted_family, extra, noise, inputs, start_scale,
+                                LevenbergMarquardt(regression.RegressionMean(fitted_family), settings), tol,
+                                config.error_draws)
     return problem, truth
 
 
@@ -397,13 +427,10 @@ def _problem(config: StudyConfig, arm: Mapping[str, Any]):
             heads = _positive_int(arm, "heads", where, path, true_model.heads)
             if heads < true_model.heads:
                 raise StudyConfigError(f"{path}: {where}heads: expected ≥ the true {true_model.heads} heads, got {heads}")
-            bound = fit.get("bound")
-            solver = LevenbergMarquardt(AttentionMean(true_model.with_heads(heads)),
-                                        LeastSquaresConfig(max_iter=_positive_int(fit, "max_iter", "fit.", path, 1000),
-                                                           bound=None if bound is None else float(bound)))
-            problem = AttentionProblem(true_model, heads, float(truth_spec.get("noise", 0.1)),
-                                       float(fit.get("start_scale", 0.1)), solver, float(fit.get("tol", 1e-10)),
-                                       config.error_draws)
+            settings, start_scale, tol = _least_squares_settings(config, truth)
+            solver = LevenbergMarquardt(AttentionMean(true_model.with_heads(heads)), settings)
+            problem = AttentionProblem(true_model, heads, _number(truth_spec, "noise", "truth.", path, 0.1),
+                                       start_scale, solver, tol, config.error_draws)
             return problem, truth
         family = hierarchical.make_hierarchical_family(
             _require(arm, "outer_gate", where, path), _require(arm, "inner_gate", where, path),
@@ -423,7 +450,8 @@ def _problem(config: StudyConfig, arm: Mapping[str, Any]):
         fitted_family = hierarchical.grown_family(family, extra)
         solver = hierarchical.HierarchicalEM(fitted_family, EMConfig(max_iter=_positive_int(fit, "max_iter", "fit.", path, 1000)))
         problem = HMoEProblem(family, extra, make_inputs(truth_spec.get("inputs", "uniform")),
-                              float(fit.get("start_scale", 0.1)), solver, float(fit.get("tol", 1e-10)), config.error_draws)
+                              _number(fit, "start_scale", "fit.", path, 0.1), solver, _number(fit, "tol", "fit.", path, 1e-10),
+                              config.error_draws)
         return problem, truth
     except StudyConfigError:
         raise
@@ -477,6 +505,7 @@ def _run_cell(config: StudyConfig, arm: Mapping, n: int) -> pd.DataFrame:
     for first in range(0, config.replicates, config.batch_size):
         ids = jnp.arange(first, first + config.batch_size)
         result, truth_objective = jax.block_until_ready(program(ids))
+        truth_objective = np.asarray(truth_objective)
         scores = jax.tree_util.tree_map(np.asarray, score(result.params))
         for i, replicate in enumerate(np.asarray(ids)):
             if replicate >= config.replicates:
@@ -620,7 +649,9 @@ def report(run_dir: str | Path, n_boot: int = 1000) -> Path:
     # A fit whose objective on its own data is below the truth's cannot be the global optimum: the
     # fraction at or above it says how much of the error is the estimator's, not the optimiser's.
     if "truth_objective" in table.columns:
-        table["beats_truth"] = table["finite"] & (table["objective"] >= table["truth_objective"])
+        beats = table["finite"] & (table["objective"] >= table["truth_objective"])
+        represented = {arm["name"]: getattr(_problem(config, arm)[0], "truth_in_model", True) for arm in config.arms}
+        table["beats_truth"] = beats.astype(float).where(table["arm"].map(represented), np.nan)
     cells = table.groupby(["arm", "n"], sort=False).agg(
         fits=("converged", "size"), converged=("converged", "mean"), finite=("finite", "mean"),
         lost_expert=("lost_expert", "sum"),
@@ -778,13 +809,14 @@ def _write_report(run_dir: Path, config: StudyConfig, cells, rates, ratios, cont
             problem, _ = _problem(config, arm)
             lines.append(f"| {arm['name']} | {problem.true_family.describe()} → {problem.fitted_family.describe()} | "
                          f"{regression.expectation(problem.true_family, problem.fitted_family)} |")
-        if "at_bound" in cells.columns:
+        if "at_bound" in cells.columns and config.raw.get("fit", {}).get("bound") is not None:
             lines += ["", f"Fits with a coordinate on the box |θ| = {config.raw.get('fit', {}).get('bound')}: "
                       f"{cells['at_bound'].mean():.0%} over all cells (per cell in the table below)."]
     if "beats_truth" in cells.columns:
         lines += ["", f"Fits whose objective on their own data is at least the truth's (`beats_truth`): "
-                  f"{cells['beats_truth'].mean():.0%} over all cells. A fit below the truth has not found the "
-                  "global optimum, so there part of the error is the optimiser's."]
+                  f"{cells['beats_truth'].mean():.0%} over the cells of arms whose model contains the truth "
+                  "(blank for the others, where the truth is out of reach). Such a fit below the truth has not "
+                  "found the global optimum, so there part of the error is the optimiser's."]
     lines += ["", "Law: the AIC-preferred of a power law and 1/log(n)^λ for the median worst expert error "
               f"(AIC(power) − AIC(log) in brackets; positive favours the log law), 'neither' when |ΔAIC| < {DECISIVE_AIC:g}: "
               "both laws have two parameters, and over one or two decades of n they can fit equally well.", "",

@@ -191,7 +191,11 @@ def test_fit_with_least_squares_recovers_a_regression_moe_and_refuses_bad_input(
     gap = np.abs(np.asarray(regression.mean_function(family, fitted, grid) - regression.mean_function(family, truth, grid)))
     assert gap.max() < 0.05
     with pytest.raises(SystemExit, match="unknown regression expert 'gaussian'"):
-        run_cli("fit", "--data", data, "--estimator", "lse", "-k", "2")
+        run_cli("fit", "--data", data, "--estimator", "lse", "--expert", "gaussian", "-k", "2")
+    with pytest.raises(SystemExit, match="--expert: invalid JSON"):
+        run_cli("fit", "--data", data, "--estimator", "lse", "--expert", "{name: relu", "-k", "2")
+    with pytest.raises(SystemExit, match="--bound and --score apply to --estimator lse only"):
+        run_cli("fit", "--data", data, "-k", "2", "--bound", "5")
     with pytest.raises(SystemExit, match="--tol: expected a non-negative number"):
         run_cli("fit", "--data", data, "--estimator", "lse", "--expert", "relu", "-k", "2", "--tol", "-1")
     tiny = tmp_path / "tiny.csv"

@@ -260,3 +260,46 @@ def test_bad_families_and_parameters_are_refused_with_the_field_named():
     assert isinstance(R.make_regression_params(
         family, {"gate": {"beta0": [0.0, 0.0], "beta1": [[1.0], [0.0]]}, "expert": {"eta0": [0.0, 1.0], "eta1": [[1.0], [2.0]]}}),
         MoEParams)
+
+
+def test_cross_gate_cells_use_the_expert_parameters_alone():
+    """A fitted atom whose expert matches true expert 0 but whose gate slope is far from both true
+    slopes: with the same gate the Voronoi cell follows the gate slope; across gates it follows the
+    expert (the NumPy argmin), and the errors are those of that assignment."""
+    family, truth = _truth("softmax", "tanh", k=2)
+    fitted = jax.tree_util.tree_map(lambda a: jnp.asarray(a), truth)
+    fitted = MoEParams({"beta0": fitted.gate["beta0"], "beta1": jnp.asarray([[60.0], [0.0]])},
+                       {"eta0": truth.expert["eta0"][::-1] + 0.02, "eta1": truth.expert["eta1"][::-1] - 0.03})
+    key = jax.random.key(4)
+    sigmoid_fit = R.RegressionFamily("sigmoid", family.expert, 2, 1)
+    cross = R.regression_errors(key, sigmoid_fit, fitted, family, truth, num_inputs=1000)
+    eta0, eta1 = np.asarray(fitted.expert["eta0"]), np.asarray(fitted.expert["eta1"])
+    true0, true1 = np.asarray(truth.expert["eta0"]), np.asarray(truth.expert["eta1"])
+    gaps = np.abs(eta0[:, None] - true0[None]) + np.abs(eta1[:, 0][:, None] - true1[:, 0][None])
+    assignment = gaps.argmin(1)
+    np.testing.assert_array_equal(assignment, [1, 0])  # the experts were reversed
+    x = np.asarray(jax.random.uniform(key, (1000, 1)))
+    distance = [np.mean(np.abs(np.tanh(eta1[i] * x[:, 0] + eta0[i]) - np.tanh(true1[j] * x[:, 0] + true0[j])))
+                for i, j in enumerate(assignment)]
+    np.testing.assert_allclose(np.asarray(cross.expert_error), [distance[1], distance[0]], rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(cross.block_error["eta0"]), [0.02, 0.02], rtol=1e-8)
+    assert np.all(np.isnan(np.asarray(cross.mass_error))) and np.all(np.isnan(np.asarray(cross.block_error["beta1"])))
+    # Used expert error under the fitted (sigmoid) weights: each cell holds one atom, so it equals d_i.
+    np.testing.assert_allclose(np.asarray(cross.used_expert_error), [distance[1], distance[0]], rtol=1e-10)
+
+
+def test_a_fit_stopped_in_the_box_is_stationary_in_it():
+    """At a fit on the box's faces, the gradient of S/2 vanishes on free coordinates and points out of
+    the box on the faces (the KKT conditions), which plain clipping of the step does not ensure."""
+    family, _, x, y, start = _fit_problem("softmax", "sigmoid", 400)
+    bound = 6.0
+    fit = run_solver(LevenbergMarquardt(R.RegressionMean(family), LeastSquaresConfig(bound=bound)), start, x, y, None, 0.0)
+    flat, unravel = ravel_pytree(fit.params)
+    gradient = np.asarray(jax.grad(lambda t: 0.5 * jnp.sum((y - R.mean_function(family, unravel(t), x)) ** 2))(flat))
+    flat = np.asarray(flat)
+    upper, lower = flat >= bound * (1 - 1e-12), flat <= -bound * (1 - 1e-12)
+    free = ~(upper | lower)
+    assert bool(fit.converged) and (upper | lower).any()
+    scale = np.max(np.abs(gradient)) + 1.0
+    assert np.all(np.abs(gradient[free]) < 1e-6 * scale)
+    assert np.all(gradient[upper] <= 1e-6 * scale) and np.all(gradient[lower] >= -1e-6 * scale)

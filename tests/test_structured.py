@@ -178,12 +178,20 @@ REGRESSION = {
         ({"arms": [{"name": "a", "truth": "hard"}]}, r"arms\[a\]\.truth: expected one of \['soft'\]"),
         ({"arms": [{"name": "a", "truth": "soft", "gate": "cosine"}]}, r"arms\[a\]\.gate: expected one of"),
         ({"arms": [{"name": "a", "truth": "soft", "extra_experts": -1}]}, r"arms\[a\]\.extra_experts"),
-        ({"fit": {"bound": 5.0}}, r"fit\.bound: 5\.0 excludes the truth 'soft'"),
-        ({"fit": {"bound": -1.0}}, r"fit\.bound: bound: expected a positive"),
+        ({"fit": {"bound": 5.0}}, r"fit\.bound: 5 excludes a true parameter of size 10"),
+        ({"fit": {"bound": -1.0}}, r"fit\.bound: expected a finite number > 0"),
+        ({"fit": {"bound": True}}, r"fit\.bound: expected a finite number > 0, got True"),
+        ({"fit": {"bound": "20"}}, r"fit\.bound: expected a finite number > 0, got '20'"),
+        ({"fit": {"max_iter": 0}}, r"fit\.max_iter: expected a positive integer"),
+        ({"fit": {"tol": -1.0}}, r"fit\.tol: expected a finite number ≥ 0"),
         ({"truth": {}}, "truth: a regression study names its truths under 'truths'"),
         ({"truths": {"soft": {**REGRESSION["truths"]["soft"], "expert": "swish"}}}, r"truths\.soft: expert: unknown regression"),
-        ({"truths": {"soft": {**REGRESSION["truths"]["soft"], "noise": -0.1}}}, r"truths\.soft\.noise: expected a non-negative"),
+        ({"truths": {"soft": {**REGRESSION["truths"]["soft"], "noise": -0.1}}}, r"truths\.soft\.noise: expected a finite number"),
         ({"truths": {"soft": {**REGRESSION["truths"]["soft"], "colour": 1}}}, r"truths\.soft: unknown key"),
+        ({"truths": {"soft": {**REGRESSION["truths"]["soft"], "inputs": "cauchy"}}}, r"truths\.soft: .*cauchy"),
+        ({"truths": {"soft": {k: v for k, v in REGRESSION["truths"]["soft"].items() if k != "gate"}}},
+         r"truths\.soft\.gate: missing"),
+        ({"truths": {**REGRESSION["truths"], "spare": {"gate": "softmax"}}}, r"truths\.spare\.params: missing"),
     ],
 )
 def test_malformed_regression_configs_name_the_file_and_the_key(tmp_path, change, message):
@@ -193,9 +201,10 @@ def test_malformed_regression_configs_name_the_file_and_the_key(tmp_path, change
     assert str(path) in str(error.value)
 
 
-def test_a_regression_study_runs_resumes_bit_identically_and_reports(tmp_path):
+def test_a_regression_study_runs_resumes_bit_identically_and_reports(tmp_path, monkeypatch):
     """Every fit is a row with its flags, a cross-gate arm has NaN gate errors but expert errors, a
-    resumed run recomputes nothing, and a rerun of the same config reproduces the table bit for bit."""
+    rerun reproduces the table bit for bit, rows do not depend on the batch size or the number of
+    replicates, and a resumed complete run recomputes nothing."""
     path = _write(tmp_path, REGRESSION)
     run_dir = structured.run(path, tmp_path / "results")
     table = pd.read_parquet(run_dir / "fits.parquet")
@@ -208,7 +217,15 @@ def test_a_regression_study_runs_resumes_bit_identically_and_reports(tmp_path):
     assert (own["objective"] >= own["truth_objective"]).mean() > 0.5
     assert "beats_truth" in pd.read_csv(run_dir / "cells.csv").columns
     report = (run_dir / "report.md").read_text()
-    assert "misspecified gate" in report and "What the theory says per arm" in report
+    assert "the other gate, but well-specified" in report and "What the theory says per arm" in report
+    key = ["arm", "n", "replicate"]
+    stable = lambda frame: frame.drop(columns="cell_seconds").sort_values(key).reset_index(drop=True)  # noqa: E731
     again = structured.run(path, tmp_path / "again")
-    pd.testing.assert_frame_equal(table.drop(columns="cell_seconds"),
-                                  pd.read_parquet(again / "fits.parquet").drop(columns="cell_seconds"))
+    pd.testing.assert_frame_equal(stable(table), stable(pd.read_parquet(again / "fits.parquet")), check_exact=True)
+    regrouped = structured.run(_write(tmp_path, {**REGRESSION, "batch_size": 3, "replicates": 2}, "regrouped.yaml"),
+                               tmp_path / "regrouped")
+    fewer = stable(pd.read_parquet(regrouped / "fits.parquet"))
+    pd.testing.assert_frame_equal(fewer, stable(table[table["replicate"] < 2]), check_exact=True)
+    monkeypatch.setattr(structured, "_run_cell", lambda *args: pytest.fail("a finished cell was recomputed"))
+    resumed = structured.run(path, tmp_path / "results", resume=run_dir)
+    pd.testing.assert_frame_equal(stable(table), stable(pd.read_parquet(resumed / "fits.parquet")), check_exact=True)
