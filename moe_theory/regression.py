@@ -344,8 +344,9 @@ def expectation(true_family: RegressionFamily, fitted_family: RegressionFamily) 
             return ("the other gate, but well-specified: two softmax weights are the sigmoid pair σ(Δs), σ(−Δs), so the "
                     "fit contains the truth, in another parametrisation (gate errors are not comparable); no theorem "
                     "gives this pair a rate [ours]")
-        return ("misspecified gate: a softmax gate cannot give weights that do not sum to one, so the fit cannot "
-                "represent the data's regression function and its error has a floor; no theorem covers this pair")
+        return ("misspecified gate: the fitted gate's weights cannot reproduce the truth's (softmax weights sum to one, "
+                "unnormalised sigmoids need not), so the fit cannot represent the data's regression function and its "
+                "error has a floor; no theorem covers this pair")
     label, gate = true_family.expert.label, true_family.gate_type
     if fitted_family.num_experts == true_family.num_experts:
         return ("exact fit (k = k*): n^{-1/2} for every expert, the parametric rate ([10]'s and [5]'s theorems for "
