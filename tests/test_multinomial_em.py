@@ -136,7 +136,10 @@ def numpy_em_iteration(gate: mt.Gate, values: dict, x: np.ndarray, y: np.ndarray
     return {"gate": gate_at(gate_fit.x), "expert": expert_at(expert_fit.x)}
 
 
-@pytest.mark.parametrize("gate_id", sorted(GATES))
+# Three gates run by default; the temperature and Euclidean sigmoid gates (about 7 s each) run with
+# the slow set, their M-steps already checked against NumPy in test_hierarchical and test_fit.
+@pytest.mark.parametrize("gate_id", [g if g in ("sigmoid", "softmax", "modified_softmax") else
+                                     pytest.param(g, marks=pytest.mark.slow) for g in sorted(GATES)])
 def test_two_em_iterations_equal_numpy_em(gate_id):
     family, true_family, truth, x, y = case(gate_id, 120, seed=3)
     start = start_near(family, true_family, truth, 120)
@@ -166,9 +169,11 @@ def test_two_em_iterations_equal_numpy_em(gate_id):
 
 @pytest.mark.parametrize(
     "gate, expert, num_classes",
-    [(GATES[g], "multinomial_logistic", 3) for g in GATES]
+    [(GATES[g], "multinomial_logistic", 3) if g in ("softmax", "euclidean_sigmoid", "modified_softmax") else
+     pytest.param(GATES[g], "multinomial_logistic", 3, marks=pytest.mark.slow) for g in GATES]
     # The Gaussian-gate case (a d × d covariance per expert, the largest Hessian) costs as much as the
-    # rest together; it runs with the slow set.
+    # rest together, and the sigmoid and temperature-sigmoid multinomial cases about 10 s each; they
+    # run with the slow set.
     + [("softmax", "gaussian", None), pytest.param("gaussian", "gaussian", None, marks=pytest.mark.slow),
        ("sigmoid", {"name": "nonlinear", "activation": "tanh"}, None)],
 )
@@ -239,6 +244,7 @@ def test_newton_em_reaches_em_optimum_in_fewer_iterations(gate_id, speedup):
     assert int(newton.n_iter) * speedup < int(em.n_iter)
 
 
+@pytest.mark.slow  # 22 s; EM's own vmap and padding tests (test_fit) run by default
 def test_newton_em_vmap_equals_loop_and_padding_is_inert():
     family, true_family, truth, _, _ = case("sigmoid", 10)
     datasets = [case("sigmoid", 500, seed=s)[3:] for s in range(3)]
@@ -277,7 +283,7 @@ def _check_recovery(family, truth, result, x, y, parameter_tolerance):
 # The Euclidean-sigmoid gate is left out: on this dataset its likelihood keeps rising past the
 # truth's along a ray (offsets β0 ≈ (4, −3) and beyond, locations drifting), so there is no finite
 # MLE near the truth to recover at n = 2·10⁴.
-@pytest.mark.parametrize("gate_id", ["sigmoid", "modified_softmax"])
+@pytest.mark.parametrize("gate_id", ["sigmoid", pytest.param("modified_softmax", marks=pytest.mark.slow)])
 def test_recovers_truth_at_large_n_from_near_truth(gate_id):
     """n = 20,000, k = k* = 2, a start 0.3·N(0, 1) from the truth: the fit converges to at least the
     truth's likelihood, each expert's class distributions are within 0.1 in E_x TV, and every

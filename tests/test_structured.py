@@ -203,8 +203,8 @@ def test_malformed_regression_configs_name_the_file_and_the_key(tmp_path, change
 
 def test_a_regression_study_runs_resumes_bit_identically_and_reports(tmp_path, monkeypatch):
     """Every fit is a row with its flags, a cross-gate arm has NaN gate errors but expert errors, a
-    rerun reproduces the table bit for bit, rows do not depend on the batch size or the number of
-    replicates, and a resumed complete run recomputes nothing."""
+    run with another batch size and fewer replicates reproduces the shared rows bit for bit, and a
+    resumed complete run recomputes nothing."""
     path = _write(tmp_path, REGRESSION)
     run_dir = structured.run(path, tmp_path / "results")
     table = pd.read_parquet(run_dir / "fits.parquet")
@@ -220,8 +220,6 @@ def test_a_regression_study_runs_resumes_bit_identically_and_reports(tmp_path, m
     assert "the other gate, but well-specified" in report and "What the theory says per arm" in report
     key = ["arm", "n", "replicate"]
     stable = lambda frame: frame.drop(columns="cell_seconds").sort_values(key).reset_index(drop=True)  # noqa: E731
-    again = structured.run(path, tmp_path / "again")
-    pd.testing.assert_frame_equal(stable(table), stable(pd.read_parquet(again / "fits.parquet")), check_exact=True)
     regrouped = structured.run(_write(tmp_path, {**REGRESSION, "batch_size": 3, "replicates": 2}, "regrouped.yaml"),
                                tmp_path / "regrouped")
     fewer = stable(pd.read_parquet(regrouped / "fits.parquet"))

@@ -143,8 +143,6 @@ class LevenbergMarquardt:
     def _free(self, flat, gradient):
         """False for the coordinates on a face of the box that the descent direction −∇(S/2) leaves."""
         bound = self.config.bound
-        if bound is None:
-            return jnp.ones(flat.shape, bool)
         return ~(((flat >= bound) & (gradient < 0)) | ((flat <= -bound) & (gradient > 0)))
 
     def _residuals(self, data: LeastSquaresData, unravel, flat):
@@ -185,15 +183,21 @@ class LevenbergMarquardt:
         current = jnp.sum(residuals**2)
         scale = jnp.maximum(jnp.diagonal(curvature), jnp.finfo(flat.dtype).eps * jnp.maximum(jnp.max(jnp.diagonal(curvature)), 1.0))
 
-        # Coordinates held on a face of the box, where S decreases only outwards, are fixed for this
-        # iteration (step 0); the others take the Levenberg–Marquardt step of the reduced system.
-        free = self._free(flat, gradient)
-        pair = free[:, None] & free[None, :]
+        if config.bound is None:
+            system_of, rhs = (lambda damping: curvature + damping * jnp.diag(scale)), gradient
+        else:
+            # Coordinates held on a face of the box, where S decreases only outwards, are fixed for
+            # this iteration (step 0); the others take the Levenberg–Marquardt step of the reduced
+            # system. (Unbounded fits keep the plain system, so their rounding is unchanged.)
+            free = self._free(flat, gradient)
+            pair = free[:, None] & free[None, :]
+            fixed = jnp.diag(jnp.where(free, 0.0, 1.0))
+            system_of = lambda damping: jnp.where(pair, curvature + damping * jnp.diag(scale), 0.0) + fixed  # noqa: E731
+            rhs = jnp.where(free, gradient, 0.0)
 
         def trial(damping):
-            system = jnp.where(pair, curvature + damping * jnp.diag(scale), 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0))
-            factor = linalg.cholesky(system)
-            step = -linalg.solve_upper_transposed(factor, linalg.solve_lower(factor, jnp.where(free, gradient, 0.0)))
+            factor = linalg.cholesky(system_of(damping))
+            step = -linalg.solve_upper_transposed(factor, linalg.solve_lower(factor, rhs))
             candidate = self._project(flat + step)
             value = jnp.sum(self._residuals(data, unravel, candidate) ** 2)
             return candidate, value
