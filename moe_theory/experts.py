@@ -262,18 +262,26 @@ EXPERTS: dict[str, type[Expert]] = {cls.name: cls for cls in (GaussianLinear, Mu
 """Registered experts by name; add an :class:`Expert` subclass here to make it available by name."""
 
 
+def build_expert(spec: Any, registry: Mapping[str, Any], kind: type, noun: str, options: Mapping[str, Any]) -> Any:
+    """``spec`` itself if it is a ``kind``, else ``registry[name](**options)`` for a name or a dict
+    ``{"name": ..., **options}``; an unknown name or option is a ``ValueError`` naming it. The one
+    lookup behind :func:`make_expert` and the regression experts' ``make_regression_expert``."""
+    if isinstance(spec, kind):
+        return spec
+    options = dict(options)
+    if isinstance(spec, Mapping):
+        options = {**dict(spec), **options}
+        spec = options.pop("name", None)
+    if spec not in registry:
+        raise ValueError(f"expert: unknown {noun} {spec!r}; expected one of {sorted(registry)}")
+    try:
+        return registry[spec](**options)
+    except TypeError:
+        raise ValueError(f"expert {spec!r}: unknown option(s) {sorted(options)}") from None
+
+
 def make_expert(spec: str | Expert | Mapping[str, Any], **options: Any) -> Expert:
     """Build an expert from a name (``"gaussian"``, ``"multinomial_logistic"``, ``"nonlinear"``),
     an expert instance, or a dict ``{"name": ..., **options}`` (e.g. ``{"name": "nonlinear",
     "activation": "gelu"}``)."""
-    if isinstance(spec, Expert):
-        return spec
-    if isinstance(spec, Mapping):
-        options = {**dict(spec), **options}
-        spec = options.pop("name", None)
-    if spec not in EXPERTS:
-        raise ValueError(f"expert: unknown expert {spec!r}; expected one of {sorted(EXPERTS)}")
-    try:
-        return EXPERTS[spec](**options)
-    except TypeError:
-        raise ValueError(f"expert {spec!r}: unknown option(s) {sorted(options)}") from None
+    return build_expert(spec, EXPERTS, Expert, "expert", options)

@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import losses
 from .experts import Expert, make_expert
 from .fit.em import expert_mstep, gate_mstep
 from .fit.settings import EMConfig
@@ -453,11 +454,6 @@ def _translated_gaps(gate: Gate, fitted: dict, true_matched: dict) -> dict[str, 
     return gaps
 
 
-def _worst(values: jnp.ndarray, membership: jnp.ndarray) -> jnp.ndarray:
-    size = jnp.sum(membership, axis=0)
-    return jnp.where(size > 0, jnp.max(jnp.where(membership, values[:, None], -jnp.inf), axis=0), jnp.nan)
-
-
 def _errors_one(family: HierarchicalFamily, fitted: HMoEParams, truth: HMoEParams, x: jnp.ndarray) -> HierarchicalErrors:
     some = next(iter(fitted.expert))
     G, J = fitted.expert[some].shape[:2]
@@ -487,20 +483,17 @@ def _errors_one(family: HierarchicalFamily, fitted: HMoEParams, truth: HMoEParam
     outer_gaps = _translated_gaps(family.outer_gate, outer_blocks, outer_true)
     outer_distance = jnp.sqrt(sum(gap**2 for gap in outer_gaps.values()))
 
-    fitted_means = family.expert.mean(flat_experts(fitted), x)
-    true_means = family.expert.mean(flat_experts(truth), x)[:, leaf_of]
-    gap = jnp.abs(fitted_means - true_means)
-    if family.expert.is_classifier:
-        gap = 0.5 * jnp.sum(gap, axis=-1)
-    distance = jnp.mean(gap, axis=0)
+    distance = losses.expert_distances(family.expert, flat_experts(fitted), flat_experts(truth), leaf_of, x)
 
-    membership = leaf_of[:, None] == jnp.arange(G_true * J_true)[None, :]
-    group_member = group_of[:, None] == jnp.arange(G_true)[None, :]
+    def worst(values, assignment, num_true):
+        return losses.cell_statistics(values, assignment, num_true)[0]
+
+    leaves = G_true * J_true
     return HierarchicalErrors(
-        expert_error=_worst(distance, membership),
-        block_error={name: _worst(value, membership) for name, value in block_gap.items()},
-        outer_error=_worst(outer_distance, group_member),
-        cell_size=jnp.sum(membership, axis=0),
+        expert_error=worst(distance, leaf_of, leaves),
+        block_error={name: worst(value, leaf_of, leaves) for name, value in block_gap.items()},
+        outer_error=worst(outer_distance, group_of, G_true),
+        cell_size=jnp.sum(leaf_of[:, None] == jnp.arange(leaves)[None, :], axis=0),
         group_of=group_of,
         leaf_of=leaf_of,
     )

@@ -153,14 +153,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import linalg
-from .experts import GaussianLinear
+from .experts import Expert, GaussianLinear
 from .gates import NORMALISERS, SCORES, Gate, translate_gate
 from .models import Family, canonicalize, expert_log_prob, gate_log_weights, mean_function
 from .params import MoEParams, field_with_role, fields_with_role
@@ -793,13 +793,15 @@ class ExpertErrors(NamedTuple):
     assignment: jnp.ndarray
 
 
-def expert_distances(family: Family, fitted: MoEParams, truth: MoEParams, assignment, x) -> jnp.ndarray:
-    """d_i of every fitted expert to its assigned true expert, (k,), for ONE fit, with E_x over the
-    draws ``x`` (for cells formed some other way than :func:`parameter_errors`)."""
-    fitted_means = family.expert.mean(fitted.expert, x)  # (N, k) or class probabilities (N, k, C)
-    true_means = family.expert.mean(truth.expert, x)[:, assignment]  # the assigned true expert's, same shape
+def expert_distances(expert: Expert, fitted: Mapping[str, jnp.ndarray], truth: Mapping[str, jnp.ndarray], assignment,
+                     x: jnp.ndarray) -> jnp.ndarray:
+    """d_i of every fitted expert to its assigned true expert, (k,), for ONE fit: ``fitted`` and
+    ``truth`` are expert parameter dicts (k and k* experts), E_x over the draws ``x``. Shared by
+    every family whose cells are formed some other way than :func:`parameter_errors`."""
+    fitted_means = expert.mean(fitted, x)  # (N, k) or class probabilities (N, k, C)
+    true_means = expert.mean(truth, x)[:, assignment]  # the assigned true expert's, same shape
     gap = jnp.abs(fitted_means - true_means)
-    if family.expert.is_classifier:
+    if expert.is_classifier:
         gap = 0.5 * jnp.sum(gap, axis=-1)
     return jnp.mean(gap, axis=0)
 
@@ -848,7 +850,7 @@ def expert_errors(
     num_true = _num_atoms(family, truth)
 
     def one(fitted_one, assignment):
-        distance = expert_distances(family, fitted_one, truth, assignment, x)
+        distance = expert_distances(family.expert, fitted_one.expert, truth.expert, assignment, x)
         worst, mean = cell_statistics(distance, assignment, num_true)
         return ExpertErrors(worst, mean, distance, assignment)
 

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import losses
-from .experts import Expert
+from .experts import Expert, build_expert
 from .gates import ACTIVATIONS, SCORES, Gate, gate_scores, log_gate_weights, make_gate
 from .models import Family, canonicalize, make_params
 from .params import Field, MoEParams
@@ -145,18 +145,7 @@ REGRESSION_EXPERTS: dict[str, Any] = {
 
 def make_regression_expert(spec: str | MeanExpert | Mapping[str, Any]) -> MeanExpert:
     """An expert from a name (``"relu"``), an instance, or ``{"name": "polynomial", "degree": 3}``."""
-    if isinstance(spec, MeanExpert):
-        return spec
-    options: dict[str, Any] = {}
-    if isinstance(spec, Mapping):
-        options = dict(spec)
-        spec = options.pop("name", None)
-    if spec not in REGRESSION_EXPERTS:
-        raise ValueError(f"expert: unknown regression expert {spec!r}; expected one of {sorted(REGRESSION_EXPERTS)}")
-    try:
-        return REGRESSION_EXPERTS[spec](**options)
-    except TypeError:
-        raise ValueError(f"expert {spec!r}: unknown option(s) {sorted(options)}") from None
+    return build_expert(spec, REGRESSION_EXPERTS, MeanExpert, "regression expert", {})
 
 
 @dataclass(frozen=True)
@@ -413,7 +402,7 @@ def regression_errors(key: jax.Array, fitted_family: RegressionFamily, fitted: M
                                     - truth.expert[field.name].reshape(num_true, -1)[assignment]) ** 2, axis=-1))
             block_error[field.name] = losses.cell_statistics(gap, assignment, num_true)[0]
         mass_error, total = nan, jnp.asarray(jnp.nan, x.dtype)
-    distance = losses.expert_distances(family, fitted, truth, assignment, x)
+    distance = losses.expert_distances(family.expert, fitted.expert, truth.expert, assignment, x)
     worst, _ = losses.cell_statistics(distance, assignment, num_true)
     use = jnp.mean(gate_weights(fitted_family, fitted, x), axis=0)  # (k,) E_x[w_i(x)], translation-free
     membership = assignment[:, None] == jnp.arange(num_true)[None, :]
