@@ -377,6 +377,7 @@ class FitSettings:
     n_init: tuple[int, ...]
     gate_steps: tuple[int, ...]
     near_truth: NearTruthNoise
+    assignment: tuple[int, ...] | None  # true atom of each fitted atom in near-truth starts (None: the default)
     tol: float
     max_iter: int
     expert_steps: int
@@ -539,6 +540,7 @@ class StudyConfig:
             "fit": {
                 **{a: axis(getattr(fit, a)) for a in GRID_AXES},
                 "near_truth": dataclasses.asdict(fit.near_truth),
+                **({} if fit.assignment is None else {"assignment": list(fit.assignment)}),
                 "tol": fit.tol,
                 "max_iter": fit.max_iter,
                 "expert_steps": fit.expert_steps,
@@ -596,7 +598,7 @@ def _plain(value: Any) -> Any:
 # Sections.
 
 _TOP_KEYS = ("name", "description", "seed", "model", "inputs", "sample_sizes", "replicates", "fit", "metrics", "rates", "sweep")
-_FIT_KEYS = GRID_AXES + ("near_truth", "tol", "max_iter", "expert_steps", "inner_tol", "max_halvings", "variance_floor",
+_FIT_KEYS = GRID_AXES + ("near_truth", "assignment", "tol", "max_iter", "expert_steps", "inner_tol", "max_halvings", "variance_floor",
                              "likelihood", "top_k", "dtype")
 
 
@@ -669,13 +671,15 @@ def _parse_fit(ctx: _Context, raw: Any, num_true: int) -> FitSettings:
     noise = NearTruthNoise(
         **{name: _float(ctx, value, f"fit.near_truth.{name}", minimum=0) for name, value in noise_raw.items()}
     )
+    num_experts = _one_or_many(ctx, fit["num_experts"], "fit.num_experts", k_value)
     return FitSettings(
-        num_experts=_one_or_many(ctx, fit["num_experts"], "fit.num_experts", k_value),
+        num_experts=num_experts,
         method=_one_or_many(ctx, fit.get("method", FIT_DEFAULTS.method), "fit.method", lambda v, p: _choice(ctx, v, p, METHODS)),
         init=_one_or_many(ctx, fit.get("init", "near_truth"), "fit.init", lambda v, p: _choice(ctx, v, p, INITS)),
         n_init=_one_or_many(ctx, fit.get("n_init", FIT_DEFAULTS.n_init), "fit.n_init", lambda v, p: _int(ctx, v, p, minimum=1)),
         gate_steps=_one_or_many(ctx, fit.get("gate_steps", EM_DEFAULTS.gate_steps), "fit.gate_steps", lambda v, p: _int(ctx, v, p, minimum=0)),
         near_truth=noise,
+        assignment=_parse_assignment(ctx, fit.get("assignment"), num_experts, num_true),
         tol=_float(ctx, fit.get("tol", FIT_DEFAULTS.tol), "fit.tol", minimum=0),
         max_iter=_int(ctx, fit.get("max_iter", EM_DEFAULTS.max_iter), "fit.max_iter", minimum=1),
         expert_steps=_int(ctx, fit.get("expert_steps", EM_DEFAULTS.expert_steps), "fit.expert_steps", minimum=0),
@@ -686,6 +690,28 @@ def _parse_fit(ctx: _Context, raw: Any, num_true: int) -> FitSettings:
         top_k=None if fit.get("top_k") is None else _int(ctx, fit["top_k"], "fit.top_k", minimum=1),
         dtype=_choice(ctx, fit.get("dtype", "float64"), "fit.dtype", DTYPES),
     )
+
+
+def _parse_assignment(ctx: _Context, raw: Any, num_experts: tuple[int, ...], num_true: int) -> tuple[int, ...] | None:
+    """``fit.assignment``: the true atom each fitted atom of a near-truth start copies, which fixes the
+    Voronoi cell sizes (e.g. [0, 1, 1, 1] puts three fitted atoms on true atom 1)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw:
+        raise ctx.error("fit.assignment", f"expected a list of true-atom indices, one per fitted expert, got {raw!r}")
+    if len(num_experts) != 1 or len(raw) != num_experts[0]:
+        raise ctx.error(
+            "fit.assignment",
+            f"expected one index per fitted expert for a single fit.num_experts, got {len(raw)} indices for k = {list(num_experts)}",
+        )
+    indices = tuple(_int(ctx, value, f"fit.assignment[{i}]", minimum=0) for i, value in enumerate(raw))
+    for i, index in enumerate(indices):
+        if index >= num_true:
+            raise ctx.error(f"fit.assignment[{i}]", f"expected a true atom index in [0, {num_true}), got {index}")
+    missing = sorted(set(range(num_true)) - set(indices))
+    if missing:
+        raise ctx.error("fit.assignment", f"every true atom needs a fitted atom; none is assigned to {missing}")
+    return indices
 
 
 def _parse_translations(ctx: _Context, value: Any, path: str) -> tuple[str, ...]:

@@ -71,7 +71,8 @@ so the loss of [1] is an infimum over translations of the fitted gate. Three opt
   2. *t₁ by multi-start + damped Newton.* For fixed cells, only the β₁ block depends on t₁, through
      F(t₁) = Σ_i w_i ‖β_{1i} + t₁ − β*_{1,j(i)}‖^{e_i}, a convex function (e_i ≥ 1). The search
      starts from the best of the k·k* alignments t₁ = β*_{1j} − β_{1i} (every fitted slope onto
-     every true slope; they contain every kink of F, where the minimum sits when all e_i = 1), then
+     every true slope; they contain every kink of F, where the minimum sits when all e_i = 1) and
+     t₁ = 0 (so the infimum never exceeds the ``"mass"`` and ``"none"`` values), then
      runs ``search_steps`` Newton steps on the smoothed F_ε (‖r‖² + ε²)^{e/2}, ε shrinking
      geometrically from the largest residual by 10^{-12} over the steps, each followed by a line
      search over step lengths 2^0..2^{-29} and 0 that evaluates the *exact* profile loss (cells
@@ -553,7 +554,10 @@ def _search_slope_shift(config, fitted, true, exponents) -> jnp.ndarray:
     dim = fitted_slopes.shape[-1]
     # Align every fitted slope onto every true slope: translation-equivariant starts that contain
     # every kink of F, so the search does not depend on how the fitted gate happens to be translated.
+    # t₁ = 0 is a start too, so the result is never above the "mass" and "none" translations (both
+    # at t₁ = 0, and t₀ is minimised exactly).
     starts = jnp.reshape(true_slopes[None, :, :] - fitted_slopes[:, None, :], (-1, dim))
+    starts = jnp.concatenate([starts, jnp.zeros((1, dim), starts.dtype)])
     profile_values = jax.vmap(lambda t: _profile(config, fitted, true, exponents, t)[0])
     slope_shift = starts[jnp.argmin(profile_values(starts))]
 

@@ -197,11 +197,12 @@ class FitSpec:
     init_id: int
     em_config: EMConfig
     noise: NearTruthNoise
+    assignment: tuple[int, ...] | None
 
     @classmethod
     def of(cls, config: StudyConfig, group: FitGroup, size: int) -> "FitSpec":
         return cls(config.true_family, config.fitted_family(group), config.inputs, size, group.method, group.init,
-                   group.n_init, group.init_id, em_config(config, group), config.fit.near_truth)
+                   group.n_init, group.init_id, em_config(config, group), config.fit.near_truth, config.fit.assignment)
 
 
 def fit_cells(spec: FitSpec, root_key, replicates, n, tol, truth) -> FitResult:
@@ -216,7 +217,7 @@ def fit_cells(spec: FitSpec, root_key, replicates, n, tol, truth) -> FitResult:
         start_keys = jax.random.split(jax.random.fold_in(init_key, replicate), spec.num_starts)
         if spec.init == "near_truth":
             starts = jax.vmap(
-                lambda k: near_truth_init(k, spec.family, spec.true_family, truth, n, spec.noise)
+                lambda k: near_truth_init(k, spec.family, spec.true_family, truth, n, spec.noise, spec.assignment)
             )(start_keys)
         else:
             starts = jax.vmap(lambda k: random_init(k, spec.family, x, y, weights))(start_keys)

@@ -63,9 +63,27 @@ def test_wrong_types_name_the_key_and_the_expected_type(tmp_path):
     path = write(tmp_path, BASE.replace("replicates: 4", "replicates: many"))
     assert f"{path}:11: replicates: expected a number, got 'many'" in error_of(path)
     assert "fit.tol: expected a number" in error_of(path, ["replicates=4", "fit.tol=small"])
-    assert "fit.method[1]: expected one of ['em', 'em_newton', 'mle'], got 'newton'" in error_of(path, ["replicates=4", "fit.method=[em, newton]"])
+    assert "fit.method[1]: expected one of ['em', 'squarem', 'em_newton', 'mle'], got 'newton'" in error_of(path, ["replicates=4", "fit.method=[em, newton]"])
     assert "replicates: expected an integer" in error_of(path, ["replicates=2.5"])
     assert "metrics.density: expected true, false or a mapping" in error_of(path, ["replicates=4", "metrics.density=7"])
+
+
+def test_near_truth_assignment_sets_the_cell_sizes_and_is_checked(tmp_path):
+    from moe_theory.sweep import FitSpec
+
+    path = write(tmp_path, BASE)
+    config = load_config(path, ["fit.num_experts=4", "fit.assignment=[0, 1, 1, 1]"])
+    assert config.fit.assignment == (0, 1, 1, 1) and parse_config(yaml.safe_load(config.to_yaml())) == config
+    assert FitSpec.of(config, config.groups[0], 100).assignment == (0, 1, 1, 1)
+    assert "assignment" not in load_config(path).to_dict()["fit"]  # unset: the default, and no new key
+    for overrides, expected in (
+        (["fit.num_experts=4", "fit.assignment=[0, 1, 1]"], "fit.assignment: expected one index per fitted expert"),
+        (["fit.num_experts=[3, 4]", "fit.assignment=[0, 1, 1]"], "for a single fit.num_experts"),
+        (["fit.num_experts=3", "fit.assignment=[0, 2, 1]"], "fit.assignment[1]: expected a true atom index in [0, 2), got 2"),
+        (["fit.num_experts=3", "fit.assignment=[1, 1, 1]"], "fit.assignment: every true atom needs a fitted atom; none is assigned to [0]"),
+        (["fit.num_experts=3", "fit.assignment=0"], "fit.assignment: expected a list of true-atom indices"),
+    ):
+        assert expected in error_of(path, overrides), overrides
 
 
 def test_bad_shapes_and_values_of_true_parameters_name_the_field(tmp_path):

@@ -397,6 +397,38 @@ def test_perfect_over_fit_of_the_reference_expert_is_zero_only_with_translation(
     assert float(distances.hellinger) < 1e-12 and float(distances.total_variation) < 1e-12
 
 
+@pytest.mark.parametrize("num_experts", [3, 4])
+def test_infimum_is_never_above_the_mass_and_no_translation(num_experts):
+    """The infimum's search includes t₁ = 0, where "mass" and "none" sit, and minimises t₀ exactly:
+    on random fits near paper 1's truth (perturbations from 1e-6 to 1, so that some cells are tight)
+    and on the split reference expert in the authors' convention, under both exponent tables."""
+    family = softmax_gaussian(num_experts)
+    truth = to_params(PAPER1_TRUTH)
+    rng = np.random.default_rng(num_experts)
+    replicates = 200
+    order = [0] + [1] * (num_experts - 1)
+    scale = rng.choice([1e-6, 1e-3, 0.1, 1.0], size=(replicates, 1))
+    beta0 = np.asarray(PAPER1_TRUTH["gate"]["beta0"])[order] + scale * rng.normal(size=(replicates, num_experts))
+    beta1 = np.asarray(PAPER1_TRUTH["gate"]["beta1"])[order][None] + scale[:, :, None] * rng.normal(size=(replicates, num_experts, 1))
+    expert = {
+        "a": np.asarray(PAPER1_TRUTH["expert"]["a"])[order][None] + 0.1 * rng.normal(size=(replicates, num_experts, 1)),
+        "b": np.asarray(PAPER1_TRUTH["expert"]["b"])[order][None] + 0.1 * rng.normal(size=(replicates, num_experts)),
+        "nu": np.asarray(PAPER1_TRUTH["expert"]["nu"])[order][None] * np.exp(0.1 * rng.normal(size=(replicates, num_experts))),
+    }
+    fitted = to_params({"gate": {"beta0": beta0 - beta0[:, -1:], "beta1": beta1 - beta1[:, -1:]}, "expert": expert})
+    split = take_experts(PAPER1_TRUTH, order)
+    split["gate"]["beta0"] = np.array([-8.0 + math.log(num_experts - 1)] + [0.0] * (num_experts - 1))
+    for exponents in ("first_order", "softmax_gaussian"):
+        values = {
+            translation: np.asarray(losses.voronoi_loss(family, fitted, truth, translation=translation, exponents=exponents).loss)
+            for translation in ("infimum", "mass", "none")
+        }
+        bound = np.minimum(values["mass"], values["none"])
+        assert np.all(values["infimum"] <= bound * (1 + 1e-12)), np.max(values["infimum"] - bound)
+        exact = losses.voronoi_loss(family, to_params(split), truth, exponents=exponents)
+        assert float(exact.loss) <= 1e-12
+
+
 def test_loss_grows_monotonically_as_one_fitted_atom_moves_away():
     """Move one half of a split reference expert along b: in a cell of size 2 the intercept enters
     as w·|δ|^{r̄(2)} = ½δ⁴ (softmax_gaussian table) or ½|δ| (first order)."""

@@ -12,7 +12,8 @@ or many datasets at once (``docs/estimators.md``).
   ``lax.map`` over replicates in chunks of ``batch_size``, which bounds memory and keeps the working
   set in cache on a CPU (large chunks suit a GPU; see :func:`default_batch_size`).
 
-Method ``"em"`` is :func:`fit_em`, ``"em_newton"`` is EM safeguarded by full-likelihood Newton steps
+Method ``"em"`` is :func:`fit_em`, ``"squarem"`` is EM accelerated by squared extrapolation
+(:mod:`moe_theory.fit.squarem`), ``"em_newton"`` is EM safeguarded by full-likelihood Newton steps
 (:mod:`moe_theory.fit.newton_em`), ``"mle"`` is :func:`moe_theory.fit.mle.fit_mle`. Every entry point
 is a plain function that calls a ``jax.jit`` of a module-level function, compiled with the XLA
 options of :mod:`moe_theory.fit.compiling` (:func:`~moe_theory.fit.compiling.choose_program`).
@@ -35,6 +36,7 @@ from .mle import fit_mle
 from .newton_em import NewtonEM
 from .settings import EM_DEFAULTS, FIT_DEFAULTS, METHODS, EMConfig
 from .solver import FitResult, Solver, run_solver, trace_solver
+from .squarem import SquaremEM
 from .starts import random_init
 
 CPU_BATCH_SIZE = 16
@@ -120,6 +122,8 @@ def _fit_one(family: Family, method: str, config: EMConfig, params0, x, y, weigh
         return fit_mle(family, params0, x, y, weights, tol, config.max_iter)
     if method == "em_newton":
         return run_solver(NewtonEM(family, config), params0, x, y, weights, tol)
+    if method == "squarem":
+        return run_solver(SquaremEM(family, config), params0, x, y, weights, tol)
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 
 
@@ -246,8 +250,9 @@ def fit(
         init: ``"random"`` (k-means++ start, see :func:`moe_theory.fit.starts.random_init`) or
             starting parameters; given parameters with a leading axis are several starts.
         n_init: number of random starts; the best final log-likelihood is kept.
-        method: ``"em"`` (default), ``"em_newton"`` (EM with full-likelihood Newton steps, for flat
-            likelihoods) or ``"mle"`` (L-BFGS on the log-likelihood).
+        method: ``"em"`` (default), ``"squarem"`` (EM accelerated by squared extrapolation, for
+            slow EM), ``"em_newton"`` (EM with full-likelihood Newton steps, for flat likelihoods)
+            or ``"mle"`` (L-BFGS on the log-likelihood).
         tol: relative log-likelihood change at which to stop.
         config: :class:`~moe_theory.fit.settings.EMConfig` with ``max_iter``, ``gate_steps`` and the other static settings.
         dtype: floating dtype of the fit, e.g. ``"float32"``; None uses JAX's default float

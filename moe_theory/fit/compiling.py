@@ -64,7 +64,7 @@ def accepted_options(options: dict[str, Any]) -> dict[str, Any] | None:
 def program_options(family: Family, config: EMConfig, method: str = "em") -> dict[str, Any] | None:
     """Compiler options for a program that fits ``family`` by ``method`` under the EM ``config``:
     the :data:`FAST_PATH_OPTIONS` that this jaxlib accepts where EM's fast path runs, else None."""
-    if method != "em" or not fast_path_applies(family, config):
+    if method not in ("em", "squarem") or not fast_path_applies(family, config):
         return None
     return accepted_options(FAST_PATH_OPTIONS)
 

@@ -474,6 +474,37 @@ class FastState(NamedTuple):
     finite: jnp.ndarray
 
 
+def state_at(params: MoEParams) -> FastState:
+    """The state whose next :meth:`FastEM.step` is EM's iteration from the canonical ``params`` (no
+    pending gate step; ℓ not yet known)."""
+    gate = jnp.concatenate([params.gate["beta0"][:-1, None], params.gate["beta1"][:-1]], axis=1)
+    dtype = gate.dtype
+    nan = jnp.asarray(jnp.nan, dtype)
+    return FastState(
+        gate=gate,
+        direction=jnp.zeros_like(gate),
+        gain=jnp.zeros((), dtype),
+        predicted=jnp.zeros((), dtype),
+        log_normaliser=jnp.zeros((), dtype),
+        pending=jnp.asarray(False),
+        expert=(params.expert["a"], params.expert["b"], params.expert["nu"]),
+        log_likelihood=nan,
+        previous=nan,
+        iteration=jnp.asarray(0),
+        finite=all_finite(params),
+    )
+
+
+def params_at(gate: jnp.ndarray, expert: tuple) -> MoEParams:
+    """The parameters of free gate coordinates ``gate`` (the reference expert's are 0) and experts (a, b, ν)."""
+    full_gate = jnp.concatenate([gate, jnp.zeros((1, gate.shape[1]), gate.dtype)])
+    slopes, intercepts, variances = expert
+    return MoEParams(
+        gate={"beta0": full_gate[:, 0], "beta1": full_gate[:, 1:]},
+        expert={"a": slopes, "b": intercepts, "nu": variances},
+    )
+
+
 def _improves(gain, change):
     """Q(u + αδ) ≥ Q(u) with a finite value, as α·gain − ΔΣ w log Z ≥ 0 (the factor 1/Σ w dropped)."""
     difference = gain - change
@@ -571,24 +602,7 @@ class FastEM:
         mask = not unit_weights and jnp.result_type(weights) == jnp.bool_
         prepared, generic = prepare(self.family, self.config, params0, x, y, weights)
         columns = _columns(prepared.x, prepared.y, None if unit_weights else prepared.weights, self.family.gate.transform, mask)
-        start = generic.params
-        gate0 = jnp.concatenate([start.gate["beta0"][:-1, None], start.gate["beta1"][:-1]], axis=1)
-        dtype = gate0.dtype
-        nan = jnp.asarray(jnp.nan, dtype)
-        initial = FastState(
-            gate=gate0,
-            direction=jnp.zeros_like(gate0),
-            gain=jnp.zeros((), dtype),
-            predicted=jnp.zeros((), dtype),
-            log_normaliser=jnp.zeros((), dtype),
-            pending=jnp.asarray(False),
-            expert=(start.expert["a"], start.expert["b"], start.expert["nu"]),
-            log_likelihood=nan,
-            previous=nan,
-            iteration=jnp.asarray(0),
-            finite=generic.finite,
-        )
-        return FastData(columns, prepared.total), initial
+        return FastData(columns, prepared.total), state_at(generic.params)
 
     def step(self, data: FastData, state: FastState, active) -> FastState:
         columns, total, config = data.columns, data.total, self.config
@@ -620,13 +634,7 @@ class FastEM:
     def finish(self, data: FastData, state: FastState, converged) -> FitResult:
         gate, evaluated = _settle_and_evaluate(data.columns, state, self.config.max_halvings, jnp.asarray(True), False)
         final_log_likelihood = evaluated["log_likelihood"] / data.total
-        reference = jnp.zeros((1, gate.shape[1]), gate.dtype)  # the reference expert's (β₀, β₁) = 0
-        full_gate = jnp.concatenate([gate, reference])
-        slopes, intercepts, variances = state.expert
-        params = MoEParams(
-            gate={"beta0": full_gate[:, 0], "beta1": full_gate[:, 1:]},
-            expert={"a": slopes, "b": intercepts, "nu": variances},
-        )
+        params = params_at(gate, state.expert)
         finite = state.finite & jnp.isfinite(final_log_likelihood) & all_finite(params)
         return FitResult(
             params=canonicalize(self.family, params),

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 LIKELIHOODS = ("conditional", "joint")
 """The likelihoods EM maximises: log p(y | x), or log p(x, y) under the Gaussian gate's input mixture [8]."""
 
-METHODS = ("em", "em_newton", "mle")
-"""The estimators: EM (:mod:`moe_theory.fit.em`, :mod:`moe_theory.fit.fast`), EM safeguarded by
-full-likelihood Newton steps (:mod:`moe_theory.fit.newton_em`) and L-BFGS (:mod:`moe_theory.fit.mle`)."""
+METHODS = ("em", "squarem", "em_newton", "mle")
+"""The estimators: EM (:mod:`moe_theory.fit.em`, :mod:`moe_theory.fit.fast`), EM accelerated by
+squared extrapolation (:mod:`moe_theory.fit.squarem`), EM safeguarded by full-likelihood Newton
+steps (:mod:`moe_theory.fit.newton_em`) and L-BFGS (:mod:`moe_theory.fit.mle`)."""
 
 
 @dataclass(frozen=True)
