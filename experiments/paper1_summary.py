@@ -5,10 +5,12 @@ from a start near the truth whose noise shrinks like n^{-α}. This script reads 
 of ``configs/paper1_exact.yaml``, ``paper1_overfit.yaml``, ``paper1_overfit_k4.yaml``,
 ``paper1_overfit_converged.yaml`` and ``paper1_init.yaml`` (the latest run folder of each) and writes into ``results/paper1_summary/``:
 
-* ``authors_d1.csv``: the mean exact-fitted loss D₁ at the sizes nearest 1e2, 1e3, 1e4 and 1e5,
-  with and without the translation infimum, next to the authors' saved values (docs/studies/paper1_softmax_gaussian.md), and
-  the log-log slopes over all n and decade by decade (for the authors, between their four values;
-  the ``n`` column of a slope row counts the sizes it used, ``ci`` is the uncorrected loss's);
+* ``authors_d1.csv``: the exact-fitted loss D₁ (mean, median, quartiles, maximum over replicates)
+  with and without the translation infimum, against both of the authors' saved exact-fit runs (one
+  start, and the best of 5 starts; ``authors_exact_d1.csv`` in the same folder, read, not written),
+  each source at its own size nearest 1e2, 1e3, 1e4 and 1e5; the log-log slopes of the mean and the
+  median over all n and decade by decade; and the ratio of each authors' run to ours per range
+  (see ``authors_table``);
 * ``converged.csv``: for ``paper1_overfit_converged``, the slopes of the mean and of the median of
   D₂, the density distances and every cell's parameter errors, with the medians at the ends;
 * ``starts.csv``: for k = 2 and k = 3, every loss and per-parameter slope (with its bootstrap CI)
@@ -20,7 +22,8 @@ of ``configs/paper1_exact.yaml``, ``paper1_overfit.yaml``, ``paper1_overfit_k4.y
 * ``starts.png``: the over-fitted (k = 3) errors in the reference expert's Voronoi cell of size 2
   against n under the three starts, with the theory's n^{-1/8} and n^{-1/4}.
 
-Usage: ``python experiments/paper1_summary.py [--results results]``.
+Usage: ``python experiments/paper1_summary.py [--results results] [--only authors]``; with
+``--only authors`` it reads ``paper1_exact`` alone and writes ``authors_d1.csv`` alone.
 """
 
 from __future__ import annotations
@@ -37,11 +40,19 @@ import numpy as np
 import pandas as pd
 
 from moe_theory import storage
-from moe_theory.rates import fit_rate
+from moe_theory.rates import fit_rate, ols
 
-AUTHORS_MEAN_D1 = {100: 0.73, 1_000: 0.30, 10_000: 0.12, 100_000: 0.025}
-"""The authors' mean D₁ (their uncorrected loss) at four sizes, docs/studies/paper1_softmax_gaussian.md."""
-AUTHORS_SLOPE = -0.64
+AUTHORS_FILE = "authors_exact_d1.csv"
+"""The authors' two saved exact-fit runs, committed in ``results/paper1_summary/`` (provenance in
+docs/studies/paper1_softmax_gaussian.md): D₁ without translation correction, per size, over 40
+replicates (mean, median, quartiles, maximum), with one start (run ``sizes200_tries1``, their 200
+sizes) and with the best of 5 starts (``sizes150_tries5``, 150 sizes)."""
+AUTHORS_COLUMNS = ("run", "n_tries", "n", "replicates", "mean_D1", "median_D1", "q25", "q75", "max_D1")
+TARGET_SIZES = (100, 1_000, 10_000, 100_000)
+RANGES = (("all n", 0, math.inf), ("1e+02-1e+03", 100, 1_000), ("1e+03-1e+04", 1_000, 10_000),
+          ("1e+04-1e+05", 10_000, 100_000))
+OUR_LOSSES = {"ours, uncorrected": "D1_none", "ours, translation infimum": "D1"}
+"""Our two D₁ columns in fits.parquet; the uncorrected one is the authors' loss."""
 AUTHORS_OVERFIT_MIN_N = 10_000
 """The authors' over-fitted D₂ slope (−0.51) uses n from 1e4 to 1e5 only."""
 
@@ -56,35 +67,109 @@ def latest_run(results: Path, name: str) -> Path:
     return run
 
 
-def authors_table(exact: Path) -> pd.DataFrame:
+def read_authors(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: no such file (the authors' exact-fit D1, committed in results/paper1_summary/)")
+    table = pd.read_csv(path)
+    missing = [column for column in AUTHORS_COLUMNS if column not in table.columns]
+    if missing:
+        raise SystemExit(f"error: {path} lacks the columns {missing}")
+    return table
+
+
+def authors_label(n_tries: int) -> str:
+    return "authors, 1 start" if n_tries == 1 else f"authors, best of {n_tries}"
+
+
+def nearest_size(sizes: np.ndarray, target: float) -> int:
+    """The size of ``sizes`` nearest ``target`` on a log scale."""
+    return int(sizes[np.argmin(np.abs(np.log(sizes / target)))])
+
+
+def in_range(n: pd.Series, low: float, high: float) -> pd.Series:
+    return (n >= low * 0.95) & (n <= high * 1.05)
+
+
+def bootstrap_interval(values: np.ndarray, reduce, n_boot: int = 1000, seed: int = 0) -> str:
+    """95 % percentile interval of ``reduce`` over replicates resampled with replacement."""
+    draws = np.random.default_rng(seed).integers(0, values.size, size=(n_boot, values.size))
+    low, high = np.quantile(reduce(values[draws], axis=1), [0.025, 0.975])
+    return f"[{low:.3f}, {high:.3f}]"
+
+
+def authors_table(exact: Path, authors: pd.DataFrame) -> pd.DataFrame:
+    """Our exact-fit D₁ against both of the authors' saved runs, in three kinds of rows.
+
+    * Sizes (``target_n`` 1e2 to 1e5): each source at its own size nearest the target (``n``):
+      mean, median, quartiles and maximum of D₁ over replicates; for us also the bootstrap CIs of
+      the mean (``ci``) and of the median (``ci_median``) and the median EM iterations.
+    * ``slope, <range>``: the OLS slope of log mean D₁ (in ``mean_D1``) and of log median D₁ (in
+      ``median_D1``) on log n over the sizes in the range; ``n`` counts the sizes; our CIs are the
+      replicate bootstrap's. With their linspace sizes, most sizes lie in the last decade, which
+      therefore sets the slope over all n.
+    * ``ratio to ours, <range>``: for each authors' run, the geometric mean over its sizes in the
+      range of its mean (``mean_D1``) and median (``median_D1``) D₁ divided by ours (uncorrected, the
+      same loss, interpolated log-log to their size); ``share_above`` is the share of those sizes
+      where their mean exceeds ours.
+    """
     fits = storage.read_table(exact)
-    sizes = np.sort(fits["n"].unique())
+    ours = fits.groupby("n")[list(OUR_LOSSES.values())].agg(["mean", "median"])
+    our_sizes = ours.index.to_numpy(dtype=float)
+    our_starts = ", ".join(str(value) for value in sorted(fits["n_init"].unique()))
+    runs = {authors_label(int(tries)): group.sort_values("n") for tries, group in authors.groupby("n_tries")}
+    run_names = {label: ", ".join(group["run"].unique()) for label, group in runs.items()}
     rows = []
-    for target, authors in AUTHORS_MEAN_D1.items():
-        nearest = int(sizes[np.argmin(np.abs(np.log(sizes / target)))])
-        cell = fits[fits["n"] == nearest]
-        rows.append({
-            "target_n": target, "n": nearest, "replicates": len(cell),
-            "mean_D1_infimum": cell["D1"].mean(), "mean_D1_uncorrected": cell["D1_none"].mean(),
-            "authors_mean_D1": authors, "median_em_iterations": cell["n_iter"].median(),
-        })
-    # Slopes over the whole range (the OLS the authors report) and decade by decade: with their
-    # linspace sizes, 177 of the 200 sizes lie in the last decade, which therefore sets the OLS slope.
-    authors_sizes = sorted(AUTHORS_MEAN_D1)
-    ranges = [("slope, all n", 0, math.inf, AUTHORS_SLOPE)] + [
-        (f"slope, {low:.0e}-{high:.0e}", low, high,
-         math.log(AUTHORS_MEAN_D1[high] / AUTHORS_MEAN_D1[low]) / math.log(high / low))
-        for low, high in zip(authors_sizes[:-1], authors_sizes[1:])
-    ]
-    for label, low, high, authors in ranges:
-        cell = fits[(fits["n"] >= low * 0.95) & (fits["n"] <= high * 1.05)]
-        slopes = {column: fit_rate(cell[["n", "replicate"]].assign(value=cell[column]), n_boot=1000)
-                  for column in ("D1", "D1_none")}
-        rows.append({"target_n": label, "n": len(slopes["D1"].n_values),
-                     "mean_D1_infimum": slopes["D1"].slope, "mean_D1_uncorrected": slopes["D1_none"].slope,
-                     "authors_mean_D1": authors,
-                     "ci": f"[{slopes['D1_none'].ci_low:.2f}, {slopes['D1_none'].ci_high:.2f}]"})
-    return pd.DataFrame(rows)
+    for target in TARGET_SIZES:
+        for source, column in OUR_LOSSES.items():
+            nearest = nearest_size(our_sizes, target)
+            cell = fits[fits["n"] == nearest]
+            values = cell[column].to_numpy()
+            rows.append({
+                "target_n": target, "source": source, "run": exact.name, "starts": our_starts, "n": nearest,
+                "replicates": len(cell), "mean_D1": values.mean(), "median_D1": np.median(values),
+                "q25_D1": np.quantile(values, 0.25), "q75_D1": np.quantile(values, 0.75), "max_D1": values.max(),
+                "ci": bootstrap_interval(values, np.mean), "ci_median": bootstrap_interval(values, np.median),
+                "median_em_iterations": cell["n_iter"].median(),
+            })
+        for source, run in runs.items():
+            row = run[run["n"] == nearest_size(run["n"].to_numpy(), target)].iloc[0]
+            rows.append({
+                "target_n": target, "source": source, "run": row["run"], "starts": str(row["n_tries"]),
+                "n": int(row["n"]), "replicates": int(row["replicates"]), "mean_D1": row["mean_D1"],
+                "median_D1": row["median_D1"], "q25_D1": row["q25"], "q75_D1": row["q75"], "max_D1": row["max_D1"],
+            })
+    for label, low, high in RANGES:
+        cell = fits[in_range(fits["n"], low, high)]
+        for source, column in OUR_LOSSES.items():
+            table = cell[["n", "replicate"]].assign(value=cell[column])
+            mean, median = (fit_rate(table, statistic=statistic, n_boot=1000) for statistic in ("mean", "median"))
+            rows.append({"target_n": f"slope, {label}", "source": source, "run": exact.name, "starts": our_starts,
+                         "n": len(mean.n_values), "mean_D1": mean.slope, "median_D1": median.slope,
+                         "ci": f"[{mean.ci_low:.2f}, {mean.ci_high:.2f}]",
+                         "ci_median": f"[{median.ci_low:.2f}, {median.ci_high:.2f}]"})
+        for source, run in runs.items():
+            part = run[in_range(run["n"], low, high)]
+            log_n = np.log(part["n"].to_numpy(dtype=float))
+            slopes = {statistic: float(ols(log_n, np.log(part[statistic].to_numpy()))[0])
+                      for statistic in ("mean_D1", "median_D1")}
+            rows.append({"target_n": f"slope, {label}", "source": source, "run": run_names[source],
+                         "starts": ", ".join(str(value) for value in part["n_tries"].unique()), "n": len(part), **slopes})
+    for label, low, high in RANGES:
+        for source, run in runs.items():
+            part = run[in_range(run["n"], low, high)]
+            log_n = np.log(part["n"].to_numpy(dtype=float))
+            ratios = {}
+            for statistic, ours_statistic in (("mean_D1", "mean"), ("median_D1", "median")):
+                matched = np.exp(np.interp(log_n, np.log(our_sizes), np.log(ours[("D1_none", ours_statistic)].to_numpy())))
+                ratios[statistic] = part[statistic].to_numpy() / matched
+            rows.append({"target_n": f"ratio to ours, {label}", "source": source, "run": run_names[source],
+                         "starts": ", ".join(str(value) for value in part["n_tries"].unique()), "n": len(part),
+                         "mean_D1": float(np.exp(np.mean(np.log(ratios["mean_D1"])))),
+                         "median_D1": float(np.exp(np.mean(np.log(ratios["median_D1"])))),
+                         "share_above": float(np.mean(ratios["mean_D1"] > 1))})
+    columns = ["target_n", "source", "run", "starts", "n", "replicates", "mean_D1", "median_D1", "q25_D1", "q75_D1",
+               "max_D1", "ci", "ci_median", "share_above", "median_em_iterations"]
+    return pd.DataFrame(rows).reindex(columns=columns).astype({"n": "Int64", "replicates": "Int64"})
 
 
 def large_n_table(overfit: Path) -> pd.DataFrame:
@@ -179,13 +264,23 @@ def starts_figure(fits: pd.DataFrame, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--authors", type=Path, default=None,
+                        help=f"the authors' exact-fit D1 (default: <results>/paper1_summary/{AUTHORS_FILE})")
+    parser.add_argument("--only", choices=("all", "authors"), default="all",
+                        help="'authors' writes authors_d1.csv alone, from paper1_exact and the authors' runs")
     args = parser.parse_args()
     out = args.results / "paper1_summary"
     out.mkdir(parents=True, exist_ok=True)
-    runs = {name: latest_run(args.results, name) for name in
-            ("paper1_exact", "paper1_overfit", "paper1_overfit_k4", "paper1_overfit_converged", "paper1_init")}
-    authors = authors_table(runs["paper1_exact"])
+    names = ("paper1_exact",) if args.only == "authors" else (
+        "paper1_exact", "paper1_overfit", "paper1_overfit_k4", "paper1_overfit_converged", "paper1_init")
+    runs = {name: latest_run(args.results, name) for name in names}
+    authors = authors_table(runs["paper1_exact"], read_authors(args.authors or out / AUTHORS_FILE))
     authors.to_csv(out / "authors_d1.csv", index=False)
+    with pd.option_context("display.width", 250, "display.max_columns", None, "display.float_format", "{:.4g}".format):
+        print(authors.to_string(index=False))
+    if args.only == "authors":
+        print(f"wrote {out}/authors_d1.csv")
+        return
     large_n = pd.concat([large_n_table(runs[name]) for name in ("paper1_overfit", "paper1_overfit_k4")], ignore_index=True)
     large_n.to_csv(out / "overfit_large_n.csv", index=False)
     converged_slopes = converged_table(runs["paper1_overfit_converged"])
@@ -194,7 +289,6 @@ def main() -> None:
     summary, fits = starts_table({name: run for name, run in runs.items() if name != "paper1_overfit_k4"})
     summary.to_csv(out / "starts.csv", index=False)
     starts_figure(fits, out / "starts.png")
-    print(authors.to_string(index=False))
     print(large_n.to_string(index=False))
     print(summary[summary["metric"].isin(["D1", "D2", "err_beta1_atom1", "err_a_atom1", "err_b_atom1", "err_nu_atom1"])]
           .to_string(index=False, max_colwidth=36))
