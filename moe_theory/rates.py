@@ -713,15 +713,23 @@ def _other_rates() -> list[TheoreticalRate]:
             "parameter rates slower than any polynomial, possibly 1/log(n); "
             "use compare_power_vs_log",
         ),
-        TheoreticalRate(
-            "activation_temperature_softmax_gaussian", "any", "gate_parameters", -1 / 2, PAPERS[3],
-            "activation dense-to-sparse gate: the activation removes the τ-β1 interaction",
+        *(
+            TheoreticalRate(
+                "activation_temperature_softmax_gaussian", "exact", group, -1 / 2, PAPERS[3],
+                "activation dense-to-sparse gate, exact fit (k = k*): the activation removes the τ-β1 "
+                "interaction, so every parameter converges at the parametric rate",
+            )
+            for group in ("gate_parameters", "expert_parameters")
         ),
         TheoreticalRate(
-            "activation_temperature_softmax_gaussian", "any", "expert_parameters", -1 / 4,
+            "activation_temperature_softmax_gaussian", "overfit", "gate_parameters", -1 / 2, PAPERS[3],
+            "activation dense-to-sparse gate, over-specified fit: gate parameters at n^{-1/2}",
+        ),
+        TheoreticalRate(
+            "activation_temperature_softmax_gaussian", "overfit", "expert_parameters", -1 / 4,
             PAPERS[3],
-            "activation dense-to-sparse gate: expert parameters converge at n^{-1/4} or "
-            "n^{-1/2} depending on the parameter; the slower n^{-1/4} is listed",
+            "activation dense-to-sparse gate, over-specified fit: expert parameters converge at "
+            "n^{-1/4} or n^{-1/2} depending on the parameter; the slower n^{-1/4} is listed",
         ),
         TheoreticalRate(
             "softmax_multinomial_logistic", "zero_expert_slope", "parameters", None, PAPERS[4],

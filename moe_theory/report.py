@@ -204,17 +204,29 @@ def _theory_key(config: StudyConfig, group: FitGroup, spec: MetricSpec, rows: pd
         size, share = _modal_cell_size(rows, spec.atom)
         facts.update(cell_size=size, cell_size_share=share)
         specific = (family, "exact", spec.block) if exact else (family, f"overfit_cell{size}", spec.block)
-        # Families whose theorem states one rate per parameter group (papers 3, 4, 6, 7) list it
-        # under setting "any": gate parameters (τ included), expert parameters, or all parameters.
+        # Families whose theorem states one rate per parameter group (papers 3, 4, 6, 7) list it by
+        # group, gate parameters (τ included), expert parameters or all parameters: under the
+        # setting where the theorem distinguishes exact from over-specified fits, else under "any".
         group_name = "gate_parameters" if spec.block in _gate_blocks(config) else "expert_parameters"
-        key = _first_known(specific, (family, "any", spec.block), (family, "any", group_name), (family, "any", "parameters"))
+        key = _first_known(specific, *_group_keys(family, setting, spec.block, group_name))
         return key or specific, facts
     if spec.metric == "shared_error":
         # A shared gate parameter such as the temperature τ [3]: only group-wide rates apply.
-        return _first_known((family, "any", spec.block), (family, "any", "gate_parameters"), (family, "any", "parameters")), facts
+        return _first_known(*_group_keys(family, setting, spec.block, "gate_parameters")), facts
     if spec.metric == "mass_error":
-        return (family, setting, "cell_mass"), facts
+        return _first_known((family, setting, "cell_mass"), *_group_keys(family, setting, None, "gate_parameters")) or (
+            family, setting, "cell_mass"), facts
     return None, facts
+
+
+def _group_keys(family: str, setting: str, block: str | None, group_name: str) -> list[tuple[str, str, str]]:
+    """Registry keys of a parameter's group rate, most specific first: the block, then its group, then
+    all parameters, each under ``setting`` before ``"any"``."""
+    keys = []
+    for where in (setting, "any"):
+        keys += [(family, where, block)] if block is not None else []
+        keys += [(family, where, group_name), (family, where, "parameters")]
+    return keys
 
 
 def _first_known(*keys: tuple[str, str, str]) -> tuple[str, str, str] | None:

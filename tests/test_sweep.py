@@ -13,6 +13,7 @@ import moe_theory as mt
 from moe_theory import report, storage, sweep
 from moe_theory.config import load_config
 from moe_theory.metrics import metric_specs
+from moe_theory.rates import theoretical_rate
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
@@ -172,7 +173,7 @@ def test_summaries_keep_and_count_nonfinite_fits(smoke):
     assert rates.loc[("k=3", "err_b_atom1"), "theory_key"] == "softmax_gaussian/overfit_cell2/b"
 
 
-def test_parameter_groups_fall_back_to_the_registrys_any_setting(tmp_path):
+def test_parameter_groups_use_the_registrys_setting_then_any(tmp_path):
     """Families whose theorem gives one rate per parameter group ([3]) are matched without rates.compare."""
     source = Path(__file__).resolve().parents[1] / "configs" / "paper3_temperature_vs_activation.yaml"
     config = load_config(source, ["arms.activation.rates.compare=[]"]).arm("activation")
@@ -180,14 +181,26 @@ def test_parameter_groups_fall_back_to_the_registrys_any_setting(tmp_path):
     rows = pd.DataFrame({"finite": [True, True], "cell_size_atom0": [1, 1], "cell_size_atom1": [1, 1]})
     family = "activation_temperature_softmax_gaussian"
     expected = {
-        "err_beta1_atom0": (family, "any", "gate_parameters"),
-        "err_tau": (family, "any", "gate_parameters"),
-        "err_a_atom1": (family, "any", "expert_parameters"),
+        "err_beta1_atom0": (family, "exact", "gate_parameters"),
+        "err_tau": (family, "exact", "gate_parameters"),
+        "mass_err_atom0": (family, "exact", "gate_parameters"),
+        "err_a_atom1": (family, "exact", "expert_parameters"),
         "hellinger": ("density_moe", "any", "hellinger"),
     }
     specs = {spec.column: spec for spec in metric_specs(config, group)}
     for metric, key in expected.items():
         assert report._theory_key(config, group, specs[metric], rows)[0] == key, metric
+    assert theoretical_rate(*expected["err_a_atom1"]).exponent == -0.5  # an exact fit is parametric
+    # Over-specified (k = 3): the expert parameters' slower n^{-1/4}, the gate's n^{-1/2}.
+    overfit = load_config(source, ["arms.activation.rates.compare=[]", "fit.num_experts=3", "metrics.losses=[D2]",
+                                          "comparison.metrics=[hellinger]"]).arm("activation")
+    (overfit_group,) = overfit.groups
+    overfit_specs = {spec.column: spec for spec in metric_specs(overfit, overfit_group)}
+    overfit_rows = rows.assign(cell_size_atom1=[2, 2])
+    key = report._theory_key(overfit, overfit_group, overfit_specs["err_a_atom1"], overfit_rows)[0]
+    assert key == (family, "overfit", "expert_parameters") and theoretical_rate(*key).exponent == -0.25
+    key = report._theory_key(overfit, overfit_group, overfit_specs["err_beta1_atom1"], overfit_rows)[0]
+    assert key == (family, "overfit", "gate_parameters") and theoretical_rate(*key).exponent == -0.5
     temperature = load_config(source, ["arms.activation.rates.compare=[]",
                                        "arms.activation.rates.theory=temperature_softmax_gaussian"]).arm("activation")
     assert report._theory_key(temperature, group, specs["err_nu_atom0"], rows)[0] == (
