@@ -31,7 +31,8 @@ Conventions
   the loss's plain name (``D2``), any other translation gets a suffix (``D2_none``).
 * **Top-K fits.** ``fit.top_k`` sets the number K̄ of active experts of the fitted top-K gate when it
   differs from the true K (an over-specified fit whose K̄ covers the true top-K cells [2]); the
-  density distances then compare the two gates as they are.
+  density distances then compare the two gates as they are. ``fit.selection_schedule`` (decreasing
+  temperatures) fits a top-K gate by the dense-to-sparse continuation of docs/estimators.md.
 * **Per-parameter errors** (``metrics.parameter_errors``) are measured at the ``mass``
   translation by default, whatever the losses use: t₁ = 0 keeps the gate slopes in the canonical
   frame (reference expert at 0) in which they are identified, and t₀ matches the total mass so that
@@ -386,6 +387,7 @@ class FitSettings:
     variance_floor: float
     likelihood: str
     top_k: int | None
+    selection_schedule: tuple[float, ...]
     dtype: str
 
 
@@ -549,6 +551,7 @@ class StudyConfig:
                 "variance_floor": fit.variance_floor,
                 "likelihood": fit.likelihood,
                 "top_k": fit.top_k,
+                **({"selection_schedule": list(fit.selection_schedule)} if fit.selection_schedule else {}),
                 "dtype": fit.dtype,
             },
             "metrics": {
@@ -599,7 +602,7 @@ def _plain(value: Any) -> Any:
 
 _TOP_KEYS = ("name", "description", "seed", "model", "inputs", "sample_sizes", "replicates", "fit", "metrics", "rates", "sweep")
 _FIT_KEYS = GRID_AXES + ("near_truth", "assignment", "tol", "max_iter", "expert_steps", "inner_tol", "max_halvings", "variance_floor",
-                             "likelihood", "top_k", "dtype")
+                             "likelihood", "top_k", "selection_schedule", "dtype")
 
 
 _MODEL_ERROR_PATH = re.compile(r"^(?:model\.)?([A-Za-z_][A-Za-z0-9_.]*(?:\[\d+\])*)")
@@ -688,8 +691,24 @@ def _parse_fit(ctx: _Context, raw: Any, num_true: int) -> FitSettings:
         variance_floor=_float(ctx, fit.get("variance_floor", EM_DEFAULTS.variance_floor), "fit.variance_floor", minimum=0),
         likelihood=_choice(ctx, fit.get("likelihood", EM_DEFAULTS.likelihood), "fit.likelihood", LIKELIHOODS),
         top_k=None if fit.get("top_k") is None else _int(ctx, fit["top_k"], "fit.top_k", minimum=1),
+        selection_schedule=_parse_selection_schedule(ctx, fit.get("selection_schedule")),
         dtype=_choice(ctx, fit.get("dtype", "float64"), "fit.dtype", DTYPES),
     )
+
+
+def _parse_selection_schedule(ctx: _Context, raw: Any) -> tuple[float, ...]:
+    """``fit.selection_schedule``: strictly decreasing selection temperatures > 0 (empty: none)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ctx.error("fit.selection_schedule", f"expected a list of decreasing temperatures > 0, got {raw!r}")
+    schedule = tuple(_float(ctx, value, f"fit.selection_schedule[{i}]", minimum=0) for i, value in enumerate(raw))
+    for i, value in enumerate(schedule):
+        if not 0 < value < math.inf:
+            raise ctx.error(f"fit.selection_schedule[{i}]", f"expected a finite temperature > 0, got {value!r}")
+        if i and value >= schedule[i - 1]:
+            raise ctx.error(f"fit.selection_schedule[{i}]", f"expected a temperature below the previous {schedule[i - 1]:g}, got {value:g}")
+    return schedule
 
 
 def _parse_assignment(ctx: _Context, raw: Any, num_experts: tuple[int, ...], num_true: int) -> tuple[int, ...] | None:
@@ -922,6 +941,9 @@ def _parse_study(ctx: _Context, top: dict) -> StudyConfig:
     if fit.top_k is not None and family.gate.top_k is None:
         raise ctx.error("fit.top_k", f"the true gate ({family.gate.describe()}) is not a top-K gate; fit.top_k sets the "
                         "number K̄ of active experts of a fitted top-K gate")
+    if fit.selection_schedule and family.gate.top_k is None:
+        raise ctx.error("fit.selection_schedule", f"the gate ({family.gate.describe()}) is not a top-K gate; a selection "
+                        "schedule anneals a top-K gate's soft selection")
     if fit.likelihood == "joint":
         try:
             check_joint_likelihood(family)

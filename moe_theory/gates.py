@@ -23,6 +23,12 @@ with these registered parts:
   linear score, as in [2]) or, with ``top_k_on="score"``, the largest full score s_i. Ties are broken
   towards the lower expert index, so exactly k − K weights are exactly 0. Without top-K, S(x) is all
   experts.
+* **soft selection** (``selection_temperature`` T > 0, a fitting device, not a model of the papers):
+  the hard indicator of S(x) becomes σ((κ_i − m(x))/T), κ the selection key and m(x) the midpoint
+  between its K-th and (K+1)-th largest entries, so log π_i = log φ(s_i) + log σ((κ_i − m)/T) − log Σ_j (…).
+  Every expert keeps a positive weight, which lets EM move a selection boundary across data points;
+  as T → 0 the weights tend to the hard top-K gate's. :mod:`moe_theory.fit.api` anneals T to 0
+  (the dense-to-sparse continuation of ``EMConfig.selection_schedule``).
 
 τ > 0 is one scalar shared by all experts. With ``temperature="fitted"`` a fitter estimates it;
 with ``temperature="fixed"`` it stays at its given value.
@@ -222,6 +228,7 @@ class Gate:
         temperature: None, ``"fitted"`` or ``"fixed"``; when set, the parameter ``tau`` exists.
         top_k: number K of active experts, or None for a dense gate.
         top_k_on: ``"slope"`` (select on g_i, the default of [2]) or ``"score"`` (on s_i).
+        selection_temperature: None (hard top-K) or T > 0: the soft selection of the module docstring.
     """
 
     score: str = "linear"
@@ -231,6 +238,7 @@ class Gate:
     temperature: str | None = None
     top_k: int | None = None
     top_k_on: str = "slope"
+    selection_temperature: float | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -251,6 +259,12 @@ class Gate:
             raise ValueError(f"gate.top_k: expected a positive integer K or None, got {self.top_k!r}")
         if self.top_k_on not in TOP_K_KEYS:
             raise ValueError(f"gate.top_k_on: expected one of {TOP_K_KEYS}, got {self.top_k_on!r}")
+        if self.selection_temperature is not None:
+            temperature = self.selection_temperature
+            if self.top_k is None:
+                raise ValueError("gate.selection_temperature: a soft selection needs a top-K gate (top_k)")
+            if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+                raise ValueError(f"gate.selection_temperature: expected a number T > 0, got {temperature!r}")
 
     @property
     def fields(self) -> tuple[Field, ...]:
@@ -286,7 +300,8 @@ class Gate:
         if self.temperature:
             parts.append(f"{self.temperature} temperature")
         if self.top_k:
-            parts.append(f"top-{self.top_k} on {self.top_k_on}")
+            soft = f", soft at T = {self.selection_temperature:g}" if self.selection_temperature else ""
+            parts.append(f"top-{self.top_k} on {self.top_k_on}{soft}")
         return ", ".join(parts)
 
 
@@ -362,6 +377,14 @@ def selection_mask(gate: Gate, slope: jnp.ndarray, score: jnp.ndarray) -> jnp.nd
     return top_k_mask(slope if gate.top_k_on == "slope" else score, gate.top_k)
 
 
+def soft_selection(selection_key: jnp.ndarray, top_k: int, temperature: float) -> jnp.ndarray:
+    """log σ((κ_i − m)/T), (n, k): the soft top-K indicator, m the midpoint between the K-th and
+    (K+1)-th largest keys of each row (K < k)."""
+    largest, _ = jax.lax.top_k(selection_key, top_k + 1)
+    midpoint = 0.5 * (largest[..., top_k - 1] + largest[..., top_k])
+    return jax.nn.log_sigmoid((selection_key - midpoint[..., None]) / temperature)
+
+
 def normalise(gate: Gate, score: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
     """log π from full scores: log φ(s_i) − log Σ_{j∈S} φ(s_j), −inf outside the selection."""
     log_phi = NORMALISERS[gate.normaliser].log_phi(score)
@@ -371,8 +394,12 @@ def normalise(gate: Gate, score: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.n
 
 
 def log_gate_weights(gate: Gate, gate_params: Mapping[str, jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
-    """log π_i(x_j), shape (n, k). Unselected experts of a top-K gate get exactly −inf."""
+    """log π_i(x_j), shape (n, k). Unselected experts of a hard top-K gate get exactly −inf."""
     slope, score = gate_scores(gate, gate_params, x)
+    if gate.selection_temperature is not None and gate.top_k < score.shape[-1]:
+        key = slope if gate.top_k_on == "slope" else score
+        log_phi = NORMALISERS[gate.normaliser].log_phi(score) + soft_selection(key, gate.top_k, gate.selection_temperature)
+        return log_phi - jax.nn.logsumexp(log_phi, axis=-1, keepdims=True)
     return normalise(gate, score, selection_mask(gate, slope, score))
 
 

@@ -180,6 +180,7 @@ def em_config(config: StudyConfig, group: FitGroup) -> EMConfig:
         max_halvings=fit.max_halvings,
         variance_floor=fit.variance_floor,
         likelihood=fit.likelihood,
+        selection_schedule=fit.selection_schedule,
     )
 
 

@@ -86,6 +86,24 @@ def test_near_truth_assignment_sets_the_cell_sizes_and_is_checked(tmp_path):
         assert expected in error_of(path, overrides), overrides
 
 
+def test_selection_schedule_reaches_the_fit_and_is_checked(tmp_path):
+    from moe_theory.sweep import em_config
+
+    path = write(tmp_path, BASE)
+    top_k = ["model.gate={name: topk_softmax, top_k: 1}", "fit.num_experts=3", "fit.top_k=2"]
+    config = load_config(path, top_k + ["fit.selection_schedule=[1.0, 0.1, 0.01]"])
+    assert em_config(config, config.groups[0]).selection_schedule == (1.0, 0.1, 0.01)
+    assert parse_config(yaml.safe_load(config.to_yaml())) == config
+    assert "selection_schedule" not in load_config(path, top_k).to_dict()["fit"]
+    for overrides, expected in (
+        (["fit.selection_schedule=[1.0, 0.1]"], "fit.selection_schedule: the gate (linear score, softmax normaliser) is not a top-K gate"),
+        (top_k + ["fit.selection_schedule=[1.0, 1.0]"], "fit.selection_schedule[1]: expected a temperature below the previous 1, got 1"),
+        (top_k + ["fit.selection_schedule=[0.0]"], "fit.selection_schedule[0]: expected a finite temperature > 0, got 0.0"),
+        (top_k + ["fit.selection_schedule=0.5"], "fit.selection_schedule: expected a list of decreasing temperatures"),
+    ):
+        assert expected in error_of(path, overrides), overrides
+
+
 def test_bad_shapes_and_values_of_true_parameters_name_the_field(tmp_path):
     path = write(tmp_path, BASE.replace("nu: [0.09, 0.16]", "nu: [0.09, 0.16, 0.2]"))
     message = error_of(path)

@@ -383,3 +383,27 @@ def test_mle_never_returns_a_point_below_its_start():
     np.testing.assert_allclose(result.log_likelihood, mt.log_likelihood(family, result.params, x, y), rtol=1e-12)
     # On these data L-BFGS's last iterate is below the start (-0.872 against -0.855), so the guard acts.
     assert float(result.log_likelihood) == start_log_likelihood and not bool(result.converged)
+
+
+def test_selection_schedule_moves_a_top_k_boundary_that_hard_em_cannot():
+    """A top-1 gate in d = 2 switches experts on the line (β1_0 − β1_1)ᵀx = 0. Started with that line
+    rotated by 90°, hard EM keeps it (deselecting an expert where it holds responsibility makes
+    Q = −∞, docs/estimators.md); the dense-to-sparse continuation rotates it onto the truth's and
+    reaches at least the truth's likelihood, and it is never below the hard fit from the same start."""
+    family = mt.make_family(mt.make_gate("topk_softmax", top_k=1), "gaussian", 2, 2)
+    truth = mt.make_params(family, {
+        "gate": {"beta0": [0.0, 0.0], "beta1": [[2.0, 0.0], [0.0, 0.0]]},
+        "expert": {"a": [[3.0, 0.0], [-3.0, 0.0]], "b": [1.0, -1.0], "nu": [0.05, 0.05]},
+    })
+    x, y, _ = mt.sample(jax.random.key(0), family, truth, 600, mt.make_inputs({"name": "uniform", "low": -1.0, "high": 1.0}))
+    start = truth._replace(gate={"beta0": truth.gate["beta0"], "beta1": jnp.asarray([[0.0, 2.0], [0.0, 0.0]])})
+    direct = fit(family, x, y, init=start, tol=1e-8, config=EMConfig(max_iter=500))
+    schedule = (1.0, 0.3, 0.1, 0.03)
+    annealed = fit(family, x, y, init=start, tol=1e-8, config=EMConfig(max_iter=500, selection_schedule=schedule))
+    truth_value = float(mt.log_likelihood(family, truth, x, y))
+    assert bool(direct.finite) and bool(annealed.converged)
+    assert float(direct.log_likelihood) < truth_value - 0.1  # stuck with the rotated boundary
+    assert float(annealed.log_likelihood) >= truth_value
+    normal = np.asarray(annealed.params.gate["beta1"][0] - annealed.params.gate["beta1"][1])
+    assert abs(np.arctan2(normal[1], normal[0])) < 0.1  # the truth's normal is (1, 0)
+    assert int(annealed.n_iter) > int(direct.n_iter)  # every stage's iterations are counted

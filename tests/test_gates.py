@@ -191,3 +191,45 @@ def test_laplace_score_has_finite_gradient_at_its_centre():
     gradient = jax.jit(jax.grad(first_log_weight))(params)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(gradient))
     np.testing.assert_array_equal(gradient.gate["beta1"][0], 0.0)
+
+
+def _numpy_soft_selection(keys: np.ndarray, top_k: int, temperature: float) -> np.ndarray:
+    """log σ((κ_i − m)/T) row by row, m the midpoint of the K-th and (K+1)-th largest keys."""
+    out = np.empty_like(keys)
+    for row, key in enumerate(keys):
+        ordered = np.sort(key)[::-1]
+        midpoint = 0.5 * (ordered[top_k - 1] + ordered[top_k])
+        out[row] = -np.logaddexp(0.0, -(key - midpoint) / temperature)
+    return out
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_soft_selection_matches_numpy_and_tends_to_the_hard_gate(top_k):
+    rng = np.random.default_rng(top_k)
+    params = {"beta0": jnp.asarray(rng.normal(size=4)), "beta1": jnp.asarray(rng.normal(size=(4, 2)) * 2)}
+    x = jnp.asarray(rng.uniform(-1, 1, size=(50, 2)))
+    keys = np.asarray(x @ params["beta1"].T)
+    hard = np.asarray(mt.gates.log_gate_weights(mt.make_gate("topk_softmax", top_k=top_k), params, x))
+    scores = np.asarray(params["beta0"])[None, :] + keys
+    for temperature in (1.0, 0.1):
+        gate = mt.make_gate("topk_softmax", top_k=top_k, selection_temperature=temperature)
+        soft = np.asarray(mt.gates.log_gate_weights(gate, params, x))
+        expected = scores + _numpy_soft_selection(keys, top_k, temperature)
+        expected -= np.log(np.sum(np.exp(expected), axis=1, keepdims=True))
+        np.testing.assert_allclose(soft, expected, rtol=1e-12, atol=1e-12)
+    # The closest keys to the midpoint in this sample are ~1e-2 apart; at T = 1e-6 the soft gate is
+    # the hard one to rounding, and every unselected weight is below e^{-1000}.
+    gate = mt.make_gate("topk_softmax", top_k=top_k, selection_temperature=1e-6)
+    soft = np.asarray(mt.gates.log_gate_weights(gate, params, x))
+    selected = np.isfinite(hard)
+    assert np.all(selected.sum(axis=1) == top_k)
+    np.testing.assert_allclose(soft[selected], hard[selected], atol=1e-12)
+    assert np.all(soft[~selected] < -1000)
+
+
+def test_soft_selection_needs_a_top_k_gate_and_a_positive_temperature():
+    with pytest.raises(ValueError, match="a soft selection needs a top-K gate"):
+        mt.make_gate("softmax", selection_temperature=0.5)
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="gate.selection_temperature: expected a number T > 0"):
+            mt.make_gate("topk_softmax", selection_temperature=bad)

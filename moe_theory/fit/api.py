@@ -22,6 +22,7 @@ Defaults come from :mod:`moe_theory.fit.settings`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import jax
@@ -113,7 +114,27 @@ def fit_em_trace(
     return _run_em(trace_solver, family, params0, x, y, weights, tol, config)
 
 
+def _fit_annealed(family: Family, method: str, config: EMConfig, params0, x, y, weights, tol) -> FitResult:
+    """The dense-to-sparse continuation of ``config.selection_schedule`` (docs/estimators.md): fits
+    under the soft selection at each temperature in turn, then under the hard top-K gate; the result
+    is the better (by log-likelihood, finite first) of that and the hard fit from ``params0`` itself,
+    so it is never worse than the plain fit. ``n_iter`` counts every stage's iterations."""
+    plain = replace(config, selection_schedule=())
+    params, iterations = params0, jnp.asarray(0)
+    for temperature in config.selection_schedule:
+        soft = replace(family, gate=replace(family.gate, selection_temperature=temperature))
+        stage = _fit_one(soft, method, plain, params, x, y, weights, tol)
+        params, iterations = stage.params, iterations + stage.n_iter
+    annealed = _fit_one(family, method, plain, params, x, y, weights, tol)
+    direct = _fit_one(family, method, plain, params0, x, y, weights, tol)
+    better = annealed.finite & (~direct.finite | (annealed.log_likelihood >= direct.log_likelihood))
+    chosen = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), annealed, direct)
+    return chosen._replace(n_iter=iterations + annealed.n_iter + direct.n_iter)
+
+
 def _fit_one(family: Family, method: str, config: EMConfig, params0, x, y, weights, tol) -> FitResult:
+    if config.selection_schedule and family.gate.top_k is not None and family.gate.top_k < family.num_experts:
+        return _fit_annealed(family, method, config, params0, x, y, weights, tol)
     if method == "em":
         return fit_em(family, params0, x, y, weights, tol, config)
     if method in ("mle", "em_newton") and config.likelihood != "conditional":

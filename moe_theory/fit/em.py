@@ -239,7 +239,8 @@ def gate_mstep(family: Family, config: EMConfig, params: MoEParams, log_gate, x,
         gate_free_mask(family, start),
         config.gate_steps,
         config.max_halvings,
-        derivatives=gate_derivatives(family, x, omega, total),
+        # A soft top-K selection makes log π depend on the slopes outside the scores: plain autodiff.
+        derivatives=None if family.gate.selection_temperature else gate_derivatives(family, x, omega, total),
         tolerance=config.inner_tol,
     )
     return constrain(fields, updated), log_pi

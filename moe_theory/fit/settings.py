@@ -49,6 +49,10 @@ class EMConfig:
         fast_path: use :mod:`moe_theory.fit.fast` where it applies (softmax gate without
             activation, temperature or top-K, Gaussian-linear experts, 2 ≤ k ≤ 6, d ≤ 4,
             ``gate_steps == 1``). It computes the same iteration; False forces the generic path.
+        selection_schedule: decreasing selection temperatures T₁ > T₂ > … for a top-K gate (empty:
+            none). The fit then runs first under the soft selection at T₁, T₂, … (each stage from the
+            previous one's end, :mod:`moe_theory.gates`), then under the hard gate, and keeps the
+            better of that and the hard fit from the start itself (:mod:`moe_theory.fit.api`).
     """
 
     max_iter: int = 2000
@@ -59,6 +63,7 @@ class EMConfig:
     variance_floor: float = 0.0
     likelihood: str = "conditional"
     fast_path: bool = True
+    selection_schedule: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_iter", "gate_steps", "expert_steps", "max_halvings"):
@@ -73,6 +78,11 @@ class EMConfig:
             raise ValueError(f"likelihood: expected one of {LIKELIHOODS}, got {self.likelihood!r}")
         if not isinstance(self.fast_path, bool):
             raise ValueError(f"fast_path: expected True or False, got {self.fast_path!r}")
+        schedule = self.selection_schedule
+        if not isinstance(schedule, tuple) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf") for t in schedule
+        ) or any(later >= earlier for earlier, later in zip(schedule, schedule[1:])):
+            raise ValueError(f"selection_schedule: expected a tuple of decreasing temperatures > 0, got {schedule!r}")
 
 
 @dataclass(frozen=True)
