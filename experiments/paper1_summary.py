@@ -3,7 +3,7 @@
 Nguyen, Nguyen & Ho (NeurIPS 2023, arXiv 2305.03288) fit a softmax-gated Gaussian MoE with k* = 2
 from a start near the truth whose noise shrinks like n^{-α}. This script reads the committed runs
 of ``configs/paper1_exact.yaml``, ``paper1_overfit.yaml``, ``paper1_overfit_k4.yaml``,
-``paper1_overfit_converged.yaml`` and ``paper1_init.yaml`` (the latest run folder of each) and writes into ``results/paper1_summary/``:
+``paper1_overfit_converged.yaml``, ``paper1_overfit_converged_k4.yaml`` and ``paper1_init.yaml`` (the latest run folder of each) and writes into ``results/paper1_summary/``:
 
 * ``authors_d1.csv``: the exact-fitted loss D₁ (mean, median, quartiles, maximum over replicates)
   with and without the translation infimum, against both of the authors' saved exact-fit runs (one
@@ -11,8 +11,10 @@ of ``configs/paper1_exact.yaml``, ``paper1_overfit.yaml``, ``paper1_overfit_k4.y
   each source at its own size nearest 1e2, 1e3, 1e4 and 1e5; the log-log slopes of the mean and the
   median over all n and decade by decade; and the ratio of each authors' run to ours per range
   (see ``authors_table``);
-* ``converged.csv``: for ``paper1_overfit_converged``, the slopes of the mean and of the median of
-  D₂, the density distances and every cell's parameter errors, with the medians at the ends;
+* ``converged.csv``: for ``paper1_overfit_converged`` (k = 3, a cell of size 2) and
+  ``paper1_overfit_converged_k4`` (k = 4, a cell of size 3), the slopes of the mean and of the median
+  of D₂, the density distances and every cell's parameter errors, with their CIs and half-widths,
+  the theory's slope, the medians at the ends and the converged share;
 * ``starts.csv``: for k = 2 and k = 3, every loss and per-parameter slope (with its bootstrap CI)
   under the three starts, the n-dependent near-truth start of the papers, the same start with
   α = 0, and the random k-means++ start; plus each start's median EM iterations and converged share;
@@ -36,10 +38,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+import moe_theory as mt
 from moe_theory import storage
+from moe_theory.losses import parameter_errors
 from moe_theory.rates import fit_rate, ols
 
 AUTHORS_FILE = "authors_exact_d1.csv"
@@ -193,21 +198,92 @@ def large_n_table(overfit: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def converged_table(converged: Path) -> pd.DataFrame:
-    """Slopes of the mean and of the median of every metric of the run to convergence.
+PAPER1_TRUTH = {"gate": {"beta0": [-8.0, 0.0], "beta1": [[25.0], [0.0]]},
+                "expert": {"a": [[-20.0], [20.0]], "b": [15.0, -5.0], "nu": [0.09, 0.16]}}
+"""The true parameters of every paper-1 study (configs/paper1_*.yaml)."""
+SLOW_CELL_EXPONENTS = {2: {"beta1": 1 / 8, "b": 1 / 8, "a": 1 / 4, "nu": 1 / 4},
+                       3: {"beta1": 1 / 12, "b": 1 / 12, "a": 1 / 6, "nu": 1 / 6}}
+"""[1, Thm 2]: the rate exponents of a Voronoi cell of size 2 and of size 3."""
 
-    The mean of an over-fitted cell's errors is dominated by a few fits whose split gate slope is
-    still far out (β₁ ≈ 1e3 at n = 1e3), so the median is the robust summary of this small study.
+
+def mass_weighted_errors(fits: pd.DataFrame, cell_size: int) -> pd.DataFrame:
+    """Per fit and block, the error of the reference atom's cell that [1, Thm 2] bounds:
+    (Σ_{i∈A} w_i |Δ_i|^r / Σ_{i∈A} w_i)^{1/r}, w_i = exp(β̂0_i), r the cell's exponent of D₂
+    (r̄(m) for β₁ and b, r̄(m)/2 for a and ν), so that its rate is the table's n^{-1/(2r)}.
+
+    D₂ weights each atom by its mass, so an atom whose mass vanishes need not converge; the worst
+    atom of the cell (``err_*_atom1``) counts it all the same. The cells are those of the run's
+    per-parameter errors (``mass`` translation: t₁ = 0, so β̂₁ in its canonical frame)."""
+    num_experts = sum(column.startswith("hat_b_") for column in fits.columns)
+    family = mt.make_family("softmax", "gaussian", num_experts, 1)
+    truth = mt.make_params(mt.make_family("softmax", "gaussian", 2, 1), PAPER1_TRUTH)
+    fitted = mt.MoEParams(
+        {"beta0": jnp.asarray(fits[[f"hat_beta0_{i}" for i in range(num_experts)]].to_numpy()),
+         "beta1": jnp.asarray(fits[[f"hat_beta1_{i}_0" for i in range(num_experts)]].to_numpy())[..., None]},
+        {"a": jnp.asarray(fits[[f"hat_a_{i}_0" for i in range(num_experts)]].to_numpy())[..., None],
+         "b": jnp.asarray(fits[[f"hat_b_{i}" for i in range(num_experts)]].to_numpy()),
+         "nu": jnp.asarray(fits[[f"hat_nu_{i}" for i in range(num_experts)]].to_numpy())},
+    )
+    in_cell = np.asarray(parameter_errors(family, fitted, truth, translation="mass").assignment) == 1
+    weights = np.where(in_cell, np.exp(fits[[f"hat_beta0_{i}" for i in range(num_experts)]].to_numpy()), 0.0)
+    fitted_blocks = {"beta1": np.asarray(fitted.gate["beta1"])[..., 0], "b": np.asarray(fitted.expert["b"]),
+                     "a": np.asarray(fitted.expert["a"])[..., 0], "nu": np.asarray(fitted.expert["nu"])}
+    true_blocks = {"beta1": 0.0, "b": -5.0, "a": 20.0, "nu": 0.16}  # the reference expert
+    r_bar = {2: 4, 3: 6}[cell_size]
+    out = {}
+    for block, fitted_block in fitted_blocks.items():
+        r = r_bar if block in ("beta1", "b") else r_bar / 2
+        powered = np.abs(fitted_block - true_blocks[block]) ** r
+        out[f"weighted_err_{block}_atom1"] = (np.sum(weights * powered, axis=1) / np.sum(weights, axis=1)) ** (1 / r)
+    return pd.DataFrame(out, index=fits.index)
+
+
+def converged_table(runs: dict[str, Path]) -> pd.DataFrame:
+    """Slopes of the mean and of the median of every metric of the runs to convergence (k = 3, a cell
+    of size 2; k = 4, a cell of size 3), with the theory's exponent, the CI half-widths and the
+    converged share.
+
+    ``weighted_err_*_atom1`` are the mass-weighted errors of :func:`mass_weighted_errors`, the
+    theorem's quantity. The mean of an over-fitted cell's errors is dominated by a few fits whose
+    split gate slope is far out (β₁ of 10³ and beyond), so the median is the robust summary. The
+    slow cell's rows use
+    the fits whose cell has the theorem's size (the modal one; ``excluded`` counts the others, in
+    which extra atoms left the cell and the reference atom's β₁ error is exactly 0, and, among them
+    ``excluded_zero``, the fits whose weighted error is 0 because the cell's other atoms have mass 0).
     """
-    fits = storage.read_table(converged)
-    fits = fits[fits["finite"]]
     rows = []
-    for metric in ["D2", "hellinger", "tv"] + [f"err_{block}_atom{atom}" for atom in (0, 1) for block in CELL_BLOCKS]:
-        table = fits[["n", "replicate"]].assign(value=fits[metric])
-        mean, median = (fit_rate(table, statistic=statistic, n_boot=1000) for statistic in ("mean", "median"))
-        rows.append({"metric": metric, "slope_mean": mean.slope, "ci_mean": f"[{mean.ci_low:.2f}, {mean.ci_high:.2f}]",
-                     "slope_median": median.slope, "ci_median": f"[{median.ci_low:.2f}, {median.ci_high:.2f}]",
-                     "median_at_smallest_n": median.statistic_values[0], "median_at_largest_n": median.statistic_values[-1]})
+    for study, run in runs.items():
+        fits = storage.read_table(run)
+        converged_share = float(fits["converged"].mean())
+        fits = fits[fits["finite"]]
+        cell_size = int(fits["cell_size_atom1"].mode().iloc[0])
+        theory = {"D2": 0.5, "hellinger": 0.5, "tv": 0.5}
+        theory.update({f"err_{block}_atom0": 0.5 for block in CELL_BLOCKS})
+        for prefix in ("err", "weighted_err"):
+            theory.update({f"{prefix}_{block}_atom1": exponent for block, exponent in SLOW_CELL_EXPONENTS[cell_size].items()})
+        fits = pd.concat([fits, mass_weighted_errors(fits, cell_size)], axis=1)
+        in_cell = fits[fits["cell_size_atom1"] == cell_size]
+        for metric, exponent in theory.items():
+            rows_used = in_cell if metric.endswith("atom1") else fits
+            # A weighted error is exactly 0 when every other atom of the cell has underflowed to mass 0.
+            zero = rows_used[metric] <= 0 if metric.startswith("weighted") else np.zeros(len(rows_used), bool)
+            rows_used = rows_used[~zero]
+            table = rows_used[["n", "replicate"]].assign(value=rows_used[metric])
+            row = {"study": study, "metric": metric, "cell_size": cell_size if metric.endswith("atom1") else 1,
+                   "theory_slope": -exponent, "converged_share": converged_share,
+                   "excluded": len(fits) - len(rows_used), "excluded_zero": int(zero.sum())}
+            for statistic in ("mean", "median"):
+                try:
+                    rate = fit_rate(table, statistic=statistic, n_boot=1000)
+                except ValueError as error:  # zeros in the mean's log scale: no fit
+                    row[f"slope_{statistic}"], row[f"ci_{statistic}"] = math.nan, str(error).split(":")[0]
+                    continue
+                row[f"slope_{statistic}"] = rate.slope
+                row[f"ci_{statistic}"] = f"[{rate.ci_low:.2f}, {rate.ci_high:.2f}]"
+                row[f"half_width_{statistic}"] = (rate.ci_high - rate.ci_low) / 2
+                if statistic == "median":
+                    row["median_at_smallest_n"], row["median_at_largest_n"] = rate.statistic_values[0], rate.statistic_values[-1]
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -215,7 +291,7 @@ def start_label(row: pd.Series, source: str) -> str:
     if row["init"] == "random":
         return "random (k-means++), best of 5"
     if source == "paper1_overfit_converged":
-        return "near truth, noise 1 (α = 0), EM to tol 1e-10"
+        return "near truth, noise 1 (α = 0), SQUAREM to tol 1e-10"
     return "near truth, noise c·n^-α (papers)" if source != "paper1_init" else "near truth, noise c (α = 0)"
 
 
@@ -272,7 +348,8 @@ def main() -> None:
     out = args.results / "paper1_summary"
     out.mkdir(parents=True, exist_ok=True)
     names = ("paper1_exact",) if args.only == "authors" else (
-        "paper1_exact", "paper1_overfit", "paper1_overfit_k4", "paper1_overfit_converged", "paper1_init")
+        "paper1_exact", "paper1_overfit", "paper1_overfit_k4", "paper1_overfit_converged", "paper1_overfit_converged_k4",
+        "paper1_init")
     runs = {name: latest_run(args.results, name) for name in names}
     authors = authors_table(runs["paper1_exact"], read_authors(args.authors or out / AUTHORS_FILE))
     authors.to_csv(out / "authors_d1.csv", index=False)
@@ -283,10 +360,11 @@ def main() -> None:
         return
     large_n = pd.concat([large_n_table(runs[name]) for name in ("paper1_overfit", "paper1_overfit_k4")], ignore_index=True)
     large_n.to_csv(out / "overfit_large_n.csv", index=False)
-    converged_slopes = converged_table(runs["paper1_overfit_converged"])
+    converged_slopes = converged_table({name: runs[name] for name in ("paper1_overfit_converged", "paper1_overfit_converged_k4")})
     converged_slopes.to_csv(out / "converged.csv", index=False)
     # The k = 4 run has no k = 2 or k = 3 group to set against the others' starts.
-    summary, fits = starts_table({name: run for name, run in runs.items() if name != "paper1_overfit_k4"})
+    summary, fits = starts_table({name: run for name, run in runs.items()
+                                  if name not in ("paper1_overfit_k4", "paper1_overfit_converged_k4")})
     summary.to_csv(out / "starts.csv", index=False)
     starts_figure(fits, out / "starts.png")
     print(large_n.to_string(index=False))
