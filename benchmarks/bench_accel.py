@@ -73,8 +73,9 @@ def workload(name: str, samples: int, experts: int, replicates: int):
 
 def _iterations_run(iterations: np.ndarray, batch_size: int) -> int:
     """Replicate-iterations the batches ran: each chunk of ``batch_size`` runs until its slowest fit stops."""
+    batch_size = min(batch_size, iterations.size)
     chunks = [iterations[start:start + batch_size] for start in range(0, iterations.size, batch_size)]
-    return sum(int(chunk.max()) * batch_size for chunk in chunks)
+    return sum(int(chunk.max()) * len(chunk) for chunk in chunks)
 
 
 def measure(family, starts, x, y, method: str, tol: float, config: EMConfig, repeats: int, batch_size: int) -> dict:

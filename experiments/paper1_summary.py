@@ -265,8 +265,9 @@ def converged_table(runs: dict[str, Path]) -> pd.DataFrame:
         in_cell = fits[fits["cell_size_atom1"] == cell_size]
         for metric, exponent in theory.items():
             rows_used = in_cell if metric.endswith("atom1") else fits
-            # A weighted error is exactly 0 when every other atom of the cell has underflowed to mass 0.
-            zero = rows_used[metric] <= 0 if metric.startswith("weighted") else np.zeros(len(rows_used), bool)
+            # A weighted error is exactly 0 when every other atom of the cell has underflowed to mass 0
+            # (NaN when all of them have).
+            zero = ~(rows_used[metric] > 0) if metric.startswith("weighted") else np.zeros(len(rows_used), bool)
             rows_used = rows_used[~zero]
             table = rows_used[["n", "replicate"]].assign(value=rows_used[metric])
             row = {"study": study, "metric": metric, "cell_size": cell_size if metric.endswith("atom1") else 1,

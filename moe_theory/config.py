@@ -702,10 +702,8 @@ def _parse_selection_schedule(ctx: _Context, raw: Any) -> tuple[float, ...]:
         return ()
     if not isinstance(raw, list):
         raise ctx.error("fit.selection_schedule", f"expected a list of decreasing temperatures > 0, got {raw!r}")
-    schedule = tuple(_float(ctx, value, f"fit.selection_schedule[{i}]", minimum=0) for i, value in enumerate(raw))
+    schedule = tuple(_float(ctx, value, f"fit.selection_schedule[{i}]", minimum=0, strict=True) for i, value in enumerate(raw))
     for i, value in enumerate(schedule):
-        if not 0 < value < math.inf:
-            raise ctx.error(f"fit.selection_schedule[{i}]", f"expected a finite temperature > 0, got {value!r}")
         if i and value >= schedule[i - 1]:
             raise ctx.error(f"fit.selection_schedule[{i}]", f"expected a temperature below the previous {schedule[i - 1]:g}, got {value:g}")
     return schedule
@@ -944,6 +942,16 @@ def _parse_study(ctx: _Context, top: dict) -> StudyConfig:
     if fit.selection_schedule and family.gate.top_k is None:
         raise ctx.error("fit.selection_schedule", f"the gate ({family.gate.describe()}) is not a top-K gate; a selection "
                         "schedule anneals a top-K gate's soft selection")
+    active = fit.top_k if fit.top_k is not None else family.gate.top_k
+    dense = [k for k in fit.num_experts if active is not None and active >= k]
+    if fit.selection_schedule and dense:
+        raise ctx.error("fit.selection_schedule", f"with K̄ = {active} active experts of k = {dense[0]} the fitted gate is "
+                        "dense: there is no selection to anneal")
+    if family.gate.selection_temperature is not None:
+        raise ctx.error("model.gate.selection_temperature", "a soft selection is a fitting device (fit.selection_schedule), "
+                        "not a true model; expected a hard top-K gate")
+    if fit.assignment is not None and "near_truth" not in fit.init:
+        raise ctx.error("fit.assignment", f"an assignment places near-truth starts; fit.init is {list(fit.init)}")
     if fit.likelihood == "joint":
         try:
             check_joint_likelihood(family)

@@ -214,7 +214,9 @@ def _theory_key(config: StudyConfig, group: FitGroup, spec: MetricSpec, rows: pd
         # A shared gate parameter such as the temperature τ [3]: only group-wide rates apply.
         return _first_known(*_group_keys(family, setting, spec.block, "gate_parameters")), facts
     if spec.metric == "mass_error":
-        return _first_known((family, setting, "cell_mass"), *_group_keys(family, setting, None, "gate_parameters")) or (
+        # A family whose theorem separates exact from over-specified fits by parameter group ([3]'s
+        # activation gate) states the cell masses' rate with its gate parameters.
+        return _first_known((family, setting, "cell_mass"), (family, setting, "gate_parameters")) or (
             family, setting, "cell_mass"), facts
     return None, facts
 

@@ -82,6 +82,7 @@ def test_near_truth_assignment_sets_the_cell_sizes_and_is_checked(tmp_path):
         (["fit.num_experts=3", "fit.assignment=[0, 2, 1]"], "fit.assignment[1]: expected a true atom index in [0, 2), got 2"),
         (["fit.num_experts=3", "fit.assignment=[1, 1, 1]"], "fit.assignment: every true atom needs a fitted atom; none is assigned to [0]"),
         (["fit.num_experts=3", "fit.assignment=0"], "fit.assignment: expected a list of true-atom indices"),
+        (["fit.num_experts=3", "fit.assignment=[0, 1, 1]", "fit.init=random"], "fit.assignment: an assignment places near-truth starts"),
     ):
         assert expected in error_of(path, overrides), overrides
 
@@ -98,7 +99,11 @@ def test_selection_schedule_reaches_the_fit_and_is_checked(tmp_path):
     for overrides, expected in (
         (["fit.selection_schedule=[1.0, 0.1]"], "fit.selection_schedule: the gate (linear score, softmax normaliser) is not a top-K gate"),
         (top_k + ["fit.selection_schedule=[1.0, 1.0]"], "fit.selection_schedule[1]: expected a temperature below the previous 1, got 1"),
-        (top_k + ["fit.selection_schedule=[0.0]"], "fit.selection_schedule[0]: expected a finite temperature > 0, got 0.0"),
+        (top_k + ["fit.selection_schedule=[0.0]"], "fit.selection_schedule[0]: expected a number > 0, got 0.0"),
+        (top_k + ["fit.selection_schedule=[-1.0]"], "fit.selection_schedule[0]: expected a number > 0, got -1.0"),
+        (top_k + ["fit.top_k=3", "fit.selection_schedule=[1.0]"], "with K̄ = 3 active experts of k = 3 the fitted gate is dense"),
+        (["model.gate={name: topk_softmax, top_k: 1, selection_temperature: 0.5}"],
+         "model.gate.selection_temperature: a soft selection is a fitting device"),
         (top_k + ["fit.selection_schedule=0.5"], "fit.selection_schedule: expected a list of decreasing temperatures"),
     ):
         assert expected in error_of(path, overrides), overrides

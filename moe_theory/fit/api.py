@@ -118,7 +118,10 @@ def _fit_annealed(family: Family, method: str, config: EMConfig, params0, x, y, 
     """The dense-to-sparse continuation of ``config.selection_schedule`` (docs/estimators.md): fits
     under the soft selection at each temperature in turn, then under the hard top-K gate; the result
     is the better (by log-likelihood, finite first) of that and the hard fit from ``params0`` itself,
-    so it is never worse than the plain fit. ``n_iter`` counts every stage's iterations."""
+    so it is never worse than the plain fit. ``n_iter`` is the work done: every soft stage's
+    iterations plus both hard fits'; ``converged`` and ``finite`` are those of the hard fit returned."""
+    if family.gate.selection_temperature is not None:
+        raise ValueError("selection_schedule: the fitted gate already has a soft selection; anneal a hard top-K gate")
     plain = replace(config, selection_schedule=())
     params, iterations = params0, jnp.asarray(0)
     for temperature in config.selection_schedule:

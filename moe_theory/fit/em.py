@@ -132,11 +132,29 @@ def gate_derivatives(family: Family, x, omega, total):
 
     The last Hessian term vanishes for scores affine in u (the plain linear softmax gate) and is
     skipped there. This is the exact Hessian, computed without differentiating through the
-    normaliser's exponentials, which dominate the cost on a CPU.
+    normaliser's exponentials, which dominate the cost on a CPU. A soft top-K selection makes
+    log π depend on the slopes outside the scores; its derivatives come from automatic
+    differentiation of Q instead.
     """
     gate = family.gate
     fields = gate.fields
     log_phi = NORMALISERS[gate.normaliser].log_phi
+
+    if gate.selection_temperature is not None:
+
+        def by_autodiff(unconstrained):
+            flat, unravel = ravel_pytree(unconstrained)
+
+            def objective(flat_u):
+                log_pi = log_gate_weights(gate, constrain(fields, unravel(flat_u)), x)
+                return weighted_sum(log_pi, omega) / total, log_pi
+
+            value, log_pi = objective(flat)
+            gradient = jax.grad(lambda f: objective(f)[0])(flat)
+            hessian = jax.hessian(lambda f: objective(f)[0])(flat)
+            return value, log_pi, gradient, hessian
+
+        return by_autodiff
 
     def derivatives(unconstrained):
         flat, unravel = ravel_pytree(unconstrained)
@@ -239,8 +257,7 @@ def gate_mstep(family: Family, config: EMConfig, params: MoEParams, log_gate, x,
         gate_free_mask(family, start),
         config.gate_steps,
         config.max_halvings,
-        # A soft top-K selection makes log π depend on the slopes outside the scores: plain autodiff.
-        derivatives=None if family.gate.selection_temperature else gate_derivatives(family, x, omega, total),
+        derivatives=gate_derivatives(family, x, omega, total),
         tolerance=config.inner_tol,
     )
     return constrain(fields, updated), log_pi

@@ -50,9 +50,11 @@ class EMConfig:
             activation, temperature or top-K, Gaussian-linear experts, 2 ≤ k ≤ 6, d ≤ 4,
             ``gate_steps == 1``). It computes the same iteration; False forces the generic path.
         selection_schedule: decreasing selection temperatures T₁ > T₂ > … for a top-K gate (empty:
-            none). The fit then runs first under the soft selection at T₁, T₂, … (each stage from the
-            previous one's end, :mod:`moe_theory.gates`), then under the hard gate, and keeps the
-            better of that and the hard fit from the start itself (:mod:`moe_theory.fit.api`).
+            none). :func:`~moe_theory.fit.fit` and :func:`~moe_theory.fit.fit_batch` (every method)
+            then fit first under the soft selection at T₁, T₂, … (each stage from the previous one's
+            end, :mod:`moe_theory.gates`), then under the hard gate, and keep the better of that and
+            the hard fit from the start itself; ``n_iter`` counts every stage. The single-solver
+            entry points ``fit_em`` and ``fit_em_trace`` ignore it. A dense gate ignores it.
     """
 
     max_iter: int = 2000
