@@ -32,10 +32,9 @@ held τ stay fixed because F keeps them fixed (r = v = 0 there, and such fields 
 extrapolated).
 
 **Cost and counting.** A cycle costs two M-steps and three E-steps (at u₁, u₂ and u′), or three
-fused passes on the fast path (measured: 3.3 fast-path iterations). ``n_iter`` counts cycles and
-``max_iter`` bounds them.
-The stopping rule is the relative change of ℓ between consecutive cycles
-(:mod:`moe_theory.fit.solver`).
+fused passes on the fast path (measured: 2.6–3.3 fast-path iterations). ``n_iter`` counts cycles
+and ``max_iter`` bounds them. The stopping rule is the relative change of ℓ between consecutive
+cycles (:mod:`moe_theory.fit.solver`).
 
 [1] Nguyen, Nguyen, Ho, "Demystifying Softmax Gating Function in Gaussian Mixture of Experts",
 NeurIPS 2023, arXiv 2305.03288.
