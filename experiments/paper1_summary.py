@@ -224,11 +224,13 @@ def mass_weighted_errors(fits: pd.DataFrame, cell_size: int) -> pd.DataFrame:
          "b": jnp.asarray(fits[[f"hat_b_{i}" for i in range(num_experts)]].to_numpy()),
          "nu": jnp.asarray(fits[[f"hat_nu_{i}" for i in range(num_experts)]].to_numpy())},
     )
-    in_cell = np.asarray(parameter_errors(family, fitted, truth, translation="mass").assignment) == 1
-    weights = np.where(in_cell, np.exp(fits[[f"hat_beta0_{i}" for i in range(num_experts)]].to_numpy()), 0.0)
+    reference = 1  # the reference expert, whose cell is split
+    in_cell = np.asarray(parameter_errors(family, fitted, truth, translation="mass").assignment) == reference
+    weights = np.where(in_cell, np.exp(np.asarray(fitted.gate["beta0"])), 0.0)
     fitted_blocks = {"beta1": np.asarray(fitted.gate["beta1"])[..., 0], "b": np.asarray(fitted.expert["b"]),
                      "a": np.asarray(fitted.expert["a"])[..., 0], "nu": np.asarray(fitted.expert["nu"])}
-    true_blocks = {"beta1": 0.0, "b": -5.0, "a": 20.0, "nu": 0.16}  # the reference expert
+    true_blocks = {"beta1": PAPER1_TRUTH["gate"]["beta1"][reference][0], "b": PAPER1_TRUTH["expert"]["b"][reference],
+                   "a": PAPER1_TRUTH["expert"]["a"][reference][0], "nu": PAPER1_TRUTH["expert"]["nu"][reference]}
     r_bar = {2: 4, 3: 6}[cell_size]
     out = {}
     for block, fitted_block in fitted_blocks.items():

@@ -385,11 +385,14 @@ def soft_selection(selection_key: jnp.ndarray, top_k: int, temperature: float) -
     return jax.nn.log_sigmoid((selection_key - midpoint[..., None]) / temperature)
 
 
-def normalise(gate: Gate, score: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
-    """log π from full scores: log φ(s_i) − log Σ_{j∈S} φ(s_j), −inf outside the selection."""
+def normalise(gate: Gate, score: jnp.ndarray, mask: jnp.ndarray | None, log_selection: jnp.ndarray | None = None) -> jnp.ndarray:
+    """log π from full scores: log φ(s_i) − log Σ_{j∈S} φ(s_j), −inf outside the selection; with
+    ``log_selection`` (a soft selection's log-indicator) added to every log φ(s_i) first."""
     log_phi = NORMALISERS[gate.normaliser].log_phi(score)
     if mask is not None:
         log_phi = jnp.where(mask, log_phi, -jnp.inf)
+    if log_selection is not None:
+        log_phi = log_phi + log_selection
     return log_phi - jax.nn.logsumexp(log_phi, axis=-1, keepdims=True)
 
 
@@ -398,8 +401,7 @@ def log_gate_weights(gate: Gate, gate_params: Mapping[str, jnp.ndarray], x: jnp.
     slope, score = gate_scores(gate, gate_params, x)
     if gate.selection_temperature is not None and gate.top_k < score.shape[-1]:
         key = slope if gate.top_k_on == "slope" else score
-        log_phi = NORMALISERS[gate.normaliser].log_phi(score) + soft_selection(key, gate.top_k, gate.selection_temperature)
-        return log_phi - jax.nn.logsumexp(log_phi, axis=-1, keepdims=True)
+        return normalise(gate, score, None, soft_selection(key, gate.top_k, gate.selection_temperature))
     return normalise(gate, score, selection_mask(gate, slope, score))
 
 

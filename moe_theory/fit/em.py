@@ -58,15 +58,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
 from jax.flatten_util import ravel_pytree
 
 from .. import linalg
 from ..gates import NORMALISERS, gate_scores, log_gate_weights, normalise, selection_mask
 from ..models import Family, canonicalize, weighted_sum
-from ..params import MoEParams, field_with_role, fields_with_role
-from ..params import constrain, unconstrain
-from .newton import gate_free_mask, newton_ascent
+from ..params import MoEParams, constrain, field_with_role, fields_with_role, unconstrain
+from .newton import autodiff_derivatives, gate_free_mask, newton_ascent
 from .settings import EMConfig
 from .solver import FitResult, all_finite
 
@@ -141,20 +139,7 @@ def gate_derivatives(family: Family, x, omega, total):
     log_phi = NORMALISERS[gate.normaliser].log_phi
 
     if gate.selection_temperature is not None:
-
-        def by_autodiff(unconstrained):
-            flat, unravel = ravel_pytree(unconstrained)
-
-            def objective(flat_u):
-                log_pi = log_gate_weights(gate, constrain(fields, unravel(flat_u)), x)
-                return weighted_sum(log_pi, omega) / total, log_pi
-
-            value, log_pi = objective(flat)
-            gradient = jax.grad(lambda f: objective(f)[0])(flat)
-            hessian = jax.hessian(lambda f: objective(f)[0])(flat)
-            return value, log_pi, gradient, hessian
-
-        return by_autodiff
+        return autodiff_derivatives(gate_objective(family, x, omega, total))
 
     def derivatives(unconstrained):
         flat, unravel = ravel_pytree(unconstrained)
@@ -210,6 +195,14 @@ def joint_log_gate(family: Family, gate_params, x) -> jnp.ndarray:
     return gate_scores(family.gate, gate_params, x)[1]
 
 
+def log_gate_at(family: Family, config: EMConfig, gate_params, x) -> jnp.ndarray:
+    """What the E-step adds to each expert's log-density: log π(x) at ``gate_params``, or under the
+    joint likelihood the Gaussian gate's joint log-scores."""
+    if config.likelihood == "joint":
+        return joint_log_gate(family, gate_params, x)
+    return log_gate_weights(family.gate, gate_params, x)
+
+
 def gaussian_gate_mstep(family: Family, config: EMConfig, params: MoEParams, x, omega, total):
     """Closed-form joint-likelihood M-step of the Gaussian gate [8] (see the module docstring).
 
@@ -236,6 +229,18 @@ def gaussian_gate_mstep(family: Family, config: EMConfig, params: MoEParams, x, 
     return gate, joint_log_gate(family, gate, x)
 
 
+def gate_objective(family: Family, x, omega, total):
+    """Q(u) = Σ_j Σ_i ω_ji log π_i(x_j; u) / Σ_j w_j in the gate's unconstrained coordinates u, with
+    log π as its auxiliary output."""
+    fields = family.gate.fields
+
+    def objective(unconstrained):
+        log_pi = log_gate_weights(family.gate, constrain(fields, unconstrained), x)
+        return weighted_sum(log_pi, omega) / total, log_pi
+
+    return objective
+
+
 def gate_mstep(family: Family, config: EMConfig, params: MoEParams, log_gate, x, omega, total):
     """Maximise Σ_j Σ_i ω_ji log π_i(x_j) over the gate: the closed form of the joint likelihood, else
     ``config.gate_steps`` damped Newton steps (see the module docstring). Returns the new gate
@@ -243,11 +248,7 @@ def gate_mstep(family: Family, config: EMConfig, params: MoEParams, log_gate, x,
     if config.likelihood == "joint":
         return gaussian_gate_mstep(family, config, params, x, omega, total)
     fields = family.gate.fields
-
-    def objective(unconstrained):
-        log_pi = log_gate_weights(family.gate, constrain(fields, unconstrained), x)
-        return weighted_sum(log_pi, omega) / total, log_pi
-
+    objective = gate_objective(family, x, omega, total)
     if config.gate_steps == 0:
         return params.gate, log_gate
     start = unconstrain(fields, params.gate)
@@ -306,9 +307,7 @@ def prepare(family: Family, config: EMConfig, params0: MoEParams, x, y, weights)
     params0 = canonicalize(family, params0)
     if config.likelihood == "joint":
         check_joint_likelihood(family)
-        log_gate = joint_log_gate(family, params0.gate, x)
-    else:
-        log_gate = log_gate_weights(family.gate, params0.gate, x)
+    log_gate = log_gate_at(family, config, params0.gate, x)
     nan = jnp.asarray(jnp.nan, dtype)
     state = EMState(params0, log_gate, nan, nan, jnp.asarray(0), all_finite(params0))
     return EMData(x, y, weights, jnp.sum(weights)), state

@@ -73,6 +73,29 @@ def damped_newton_direction(curvature: jnp.ndarray, gradient: jnp.ndarray) -> jn
     return linalg.solve_upper_transposed(factor, linalg.solve_lower(factor, gradient))
 
 
+def _value_gradient_hessian(flat_objective: Callable, flat: jnp.ndarray) -> tuple:
+    """(Q, aux, ∇Q, ∇²Q) of ``flat_objective`` f ↦ (Q, aux) at ``flat``, from one forward-over-reverse pass."""
+
+    def gradient_with_value(point):
+        (value, aux), gradient = jax.value_and_grad(flat_objective, has_aux=True)(point)
+        return gradient, (value, aux, gradient)
+
+    hessian, (value, aux, gradient) = jax.jacfwd(gradient_with_value, has_aux=True)(flat)
+    return value, aux, gradient, hessian
+
+
+def autodiff_derivatives(objective: Callable[[dict], tuple]) -> Callable[[dict], tuple]:
+    """u ↦ (Q, aux, ∇Q, ∇²Q) of ``objective`` u ↦ (Q, aux) by automatic differentiation, gradient and
+    Hessian flattened in ``ravel_pytree`` order: the ``derivatives`` that :func:`newton_ascent` uses
+    by default, for callers that need them outside it."""
+
+    def derivatives(unconstrained: dict) -> tuple:
+        flat, unravel = ravel_pytree(unconstrained)
+        return _value_gradient_hessian(lambda point: objective(unravel(point)), flat)
+
+    return derivatives
+
+
 def newton_ascent(
     objective: Callable[[dict], tuple[jnp.ndarray, jnp.ndarray]],
     start: dict,
@@ -111,16 +134,10 @@ def newton_ascent(
     def flat_objective(flat):
         return objective(unravel(flat))
 
-    def gradient_with_value(flat):
-        (value, aux), gradient = jax.value_and_grad(flat_objective, has_aux=True)(flat)
-        return gradient, (value, aux, gradient)
-
     def flat_derivatives(flat):
         if derivatives is not None:
             return derivatives(unravel(flat))
-        # One forward-over-reverse pass gives Q, aux, ∇Q and ∇²Q together.
-        hessian, (value, aux, gradient) = jax.jacfwd(gradient_with_value, has_aux=True)(flat)
-        return value, aux, gradient, hessian
+        return _value_gradient_hessian(flat_objective, flat)
 
     def one_step(carry):
         step, flat, _, _, _ = carry

@@ -51,11 +51,10 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from ..gates import log_gate_weights
 from ..models import Family, canonicalize
 from ..params import MoEParams, constrain, field_with_role, fields_with_role, unconstrain
 from . import fast
-from .em import e_step, expert_mstep, gate_mstep, joint_log_gate, prepare
+from .em import e_step, expert_mstep, gate_mstep, log_gate_at, prepare
 from .settings import EMConfig
 from .solver import FitResult, all_finite
 
@@ -86,10 +85,7 @@ class _GenericMap:
 
     def evaluate(self, data, params: MoEParams, active) -> _GenericPoint:
         del active
-        if self.config.likelihood == "joint":
-            log_gate = joint_log_gate(self.family, params.gate, data.x)
-        else:
-            log_gate = log_gate_weights(self.family.gate, params.gate, data.x)
+        log_gate = log_gate_at(self.family, self.config, params.gate, data.x)
         return _GenericPoint(params, log_gate, *e_step(self.family, params, log_gate, data.x, data.y, data.weights, data.total))
 
     def advance(self, data, point: _GenericPoint, active) -> _GenericPoint:
@@ -121,19 +117,18 @@ class _FastPoint(NamedTuple):
 class _FastMap:
     """EM's fast-path iteration (:class:`~moe_theory.fit.fast.FastEM`) as a map between evaluated points."""
 
-    family: Family
-    config: EMConfig
+    solver: fast.FastEM
 
     def prepare(self, params0, x, y, weights):
-        data, state = fast.FastEM(self.family, self.config).init(params0, x, y, weights)
+        data, state = self.solver.init(params0, x, y, weights)
         return data, fast.params_at(state.gate, state.expert)
 
     def evaluate(self, data, params: MoEParams, active) -> _FastPoint:
         state = fast.state_at(params)
-        return _FastPoint(fast.FastEM(self.family, self.config).step(data, state, active), state.expert)
+        return _FastPoint(self.solver.step(data, state, active), state.expert)
 
     def advance(self, data, point: _FastPoint, active) -> _FastPoint:
-        return _FastPoint(fast.FastEM(self.family, self.config).step(data, point.state, active), point.state.expert)
+        return _FastPoint(self.solver.step(data, point.state, active), point.state.expert)
 
     @staticmethod
     def params(point: _FastPoint) -> MoEParams:
@@ -146,7 +141,7 @@ class _FastMap:
 
 def em_map(family: Family, config: EMConfig):
     """The EM map SQUAREM extrapolates: the fast path's where it applies, else the generic one."""
-    return _FastMap(family, config) if fast.fast_path_applies(family, config) else _GenericMap(family, config)
+    return _FastMap(fast.FastEM(family, config)) if fast.fast_path_applies(family, config) else _GenericMap(family, config)
 
 
 class SquaremState(NamedTuple):
