@@ -33,6 +33,9 @@ Conventions
   differs from the true K (an over-specified fit whose K̄ covers the true top-K cells [2]); the
   density distances then compare the two gates as they are. ``fit.selection_schedule`` (decreasing
   temperatures) fits a top-K gate by the dense-to-sparse continuation of docs/estimators.md.
+* **A compact parameter set.** ``fit.bound: B`` fits the MLE over the box of unconstrained
+  coordinates in [−B, B] (docs/estimators.md), for experts fitted by Newton steps and the methods
+  ``em``, ``squarem`` and ``em_newton``; the box must hold the truth.
 * **Per-parameter errors** (``metrics.parameter_errors``) are measured at the ``mass``
   translation by default, whatever the losses use: t₁ = 0 keeps the gate slopes in the canonical
   frame (reference expert at 0) in which they are identified, and t₀ matches the total mass so that
@@ -77,14 +80,14 @@ import numpy as np
 import yaml
 
 from .experts import GaussianLinear
-from .fit.em import check_joint_likelihood
+from .fit.em import check_bound, check_joint_likelihood
 from .fit.settings import EM_DEFAULTS, FIT_DEFAULTS, LIKELIHOODS, METHODS
 from .gates import GATES, Gate
 from .init import NearTruthNoise
 from .losses import EXPONENT_TABLES, TRANSLATIONS, atom_spec
 from .metrics import metric_specs
-from .models import Family, model_from_dict
-from .params import MoEParams, ParameterError
+from .models import Family, canonicalize, model_from_dict
+from .params import MoEParams, ParameterError, unconstrain
 from .rates import UnknownTheoreticalRateError, list_theoretical_rates, theoretical_rate
 from .sampling import GridInputs, InputDistribution, make_inputs
 
@@ -388,6 +391,7 @@ class FitSettings:
     likelihood: str
     top_k: int | None
     selection_schedule: tuple[float, ...]
+    bound: float | None  # the compact parameter set [−B, B] of EMConfig.bound (None: unbounded)
     dtype: str
 
 
@@ -552,6 +556,7 @@ class StudyConfig:
                 "likelihood": fit.likelihood,
                 "top_k": fit.top_k,
                 **({"selection_schedule": list(fit.selection_schedule)} if fit.selection_schedule else {}),
+                **({} if fit.bound is None else {"bound": fit.bound}),
                 "dtype": fit.dtype,
             },
             "metrics": {
@@ -602,7 +607,7 @@ def _plain(value: Any) -> Any:
 
 _TOP_KEYS = ("name", "description", "seed", "model", "inputs", "sample_sizes", "replicates", "fit", "metrics", "rates", "sweep")
 _FIT_KEYS = GRID_AXES + ("near_truth", "assignment", "tol", "max_iter", "expert_steps", "inner_tol", "max_halvings", "variance_floor",
-                             "likelihood", "top_k", "selection_schedule", "dtype")
+                             "likelihood", "top_k", "selection_schedule", "bound", "dtype")
 
 
 _MODEL_ERROR_PATH = re.compile(r"^(?:model\.)?([A-Za-z_][A-Za-z0-9_.]*(?:\[\d+\])*)")
@@ -692,8 +697,29 @@ def _parse_fit(ctx: _Context, raw: Any, num_true: int) -> FitSettings:
         likelihood=_choice(ctx, fit.get("likelihood", EM_DEFAULTS.likelihood), "fit.likelihood", LIKELIHOODS),
         top_k=None if fit.get("top_k") is None else _int(ctx, fit["top_k"], "fit.top_k", minimum=1),
         selection_schedule=_parse_selection_schedule(ctx, fit.get("selection_schedule")),
+        bound=None if fit.get("bound") is None else _float(ctx, fit["bound"], "fit.bound", minimum=0, strict=True),
         dtype=_choice(ctx, fit.get("dtype", "float64"), "fit.dtype", DTYPES),
     )
+
+
+def _check_bound(ctx: _Context, fit: FitSettings, family: Family, truth: MoEParams) -> None:
+    """``fit.bound`` B: the estimators and experts that keep a box, and a box that holds the truth
+    (in the unconstrained coordinates EM moves, canonical form)."""
+    try:
+        check_bound(family, dataclasses.replace(EM_DEFAULTS, bound=fit.bound, likelihood=fit.likelihood))
+    except ValueError as error:
+        raise ctx.error("fit.bound", str(error)) from None
+    if "mle" in fit.method:
+        raise ctx.error("fit.bound", "method 'mle' (L-BFGS) has no box; use 'em', 'squarem' or 'em_newton'")
+    canonical = canonicalize(family, truth)
+    largest = max(
+        float(np.max(np.abs(np.asarray(value)), initial=0.0))
+        for fields, group in ((family.gate.fields, canonical.gate), (family.expert.fields, canonical.expert))
+        for value in unconstrain(fields, group).values()
+    )
+    if largest >= fit.bound:
+        raise ctx.error("fit.bound", f"the box [−{fit.bound:g}, {fit.bound:g}] excludes a true coordinate of size "
+                        f"{largest:g}; expected a bound above it")
 
 
 def _parse_selection_schedule(ctx: _Context, raw: Any) -> tuple[float, ...]:
@@ -960,6 +986,8 @@ def _parse_study(ctx: _Context, top: dict) -> StudyConfig:
         conditional_only = sorted(set(fit.method) - {"em"})
         if conditional_only:
             raise ctx.error("fit.method", f"{conditional_only} maximise the conditional likelihood; with fit.likelihood: joint use 'em'")
+    if fit.bound is not None:
+        _check_bound(ctx, fit, family, truth)
     metrics = _parse_metrics(ctx, top.get("metrics"), fit, family.num_experts)
     rates = _parse_rates(ctx, top.get("rates"), family)
 

@@ -98,6 +98,7 @@ from . import storage
 from .config import GRID_AXES, FitGroup, MetricsConfig, StudyConfig
 from .fit import EM_DEFAULTS, EMConfig, FitResult, fit_batch
 from .fit.compiling import jit_variant, program_options
+from .fit.em import on_box
 from .fit.starts import random_init
 from .init import NearTruthNoise, near_truth_init
 from .losses import density_distances, exact_fitted_loss, expert_errors, over_fitted_loss, parameter_errors, voronoi_loss
@@ -121,7 +122,7 @@ EXPERT_ERROR_DRAWS = 1
 """``fold_in`` id under the density key of the expert errors' x draws."""
 
 ID_COLUMNS = ("group",) + GRID_AXES + ("n", "replicate", "bucket")
-FIT_COLUMNS = ("log_likelihood", "n_iter", "converged", "finite")
+FIT_COLUMNS = ("log_likelihood", "n_iter", "converged", "finite", "at_bound")
 
 
 def bucket_size(n: int, growth: float) -> int:
@@ -181,6 +182,7 @@ def em_config(config: StudyConfig, group: FitGroup) -> EMConfig:
         variance_floor=fit.variance_floor,
         likelihood=fit.likelihood,
         selection_schedule=fit.selection_schedule,
+        bound=fit.bound,
     )
 
 
@@ -411,6 +413,8 @@ def _cell_frame(config: StudyConfig, group: FitGroup, n: int, size: int, replica
     columns["n_iter"] = np.asarray(fits.n_iter[:count], dtype=np.int64)
     columns["converged"] = np.asarray(fits.converged[:count], dtype=bool)
     columns["finite"] = np.asarray(fits.finite[:count], dtype=bool)
+    if config.fit.bound is not None:
+        columns["at_bound"] = np.asarray(on_box(config.fitted_family(group), fits.params, config.fit.bound)[:count], dtype=bool)
     per_atom = {"mass_err": mass_error_column, "mass": mass_column, "cell_size": cell_size_column,
                 "expert_err": expert_error_column}
     for name, value in scores.items():

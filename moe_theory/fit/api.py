@@ -143,6 +143,8 @@ def _fit_one(family: Family, method: str, config: EMConfig, params0, x, y, weigh
     if method in ("mle", "em_newton") and config.likelihood != "conditional":
         raise ValueError(f"method {method!r} maximises the conditional likelihood; likelihood='joint' is fitted by EM")
     if method == "mle":
+        if config.bound is not None:
+            raise ValueError("bound: method 'mle' (L-BFGS) has no box; use 'em', 'squarem' or 'em_newton'")
         return fit_mle(family, params0, x, y, weights, tol, config.max_iter)
     if method == "em_newton":
         return run_solver(NewtonEM(family, config), params0, x, y, weights, tol)

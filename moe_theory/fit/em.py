@@ -18,7 +18,9 @@ For data (x_j, y_j) with sample weights w_j ≥ 0 (0 marks padding), one EM iter
   cross a data point in this step: deselecting an expert that holds responsibility there makes
   Q = −∞, so every such step is rejected and EM keeps the selection pattern of its start [2].
 
-Both M-steps never decrease their objectives, so ℓ(θ_t) never decreases.
+Both M-steps never decrease their objectives, so ℓ(θ_t) never decreases. With ``config.bound`` both
+Newton M-steps stay in the box [−B, B] of unconstrained coordinates and the start is projected onto
+it, so EM climbs towards the maximum over that compact set (:mod:`moe_theory.fit.newton`).
 
 **Stopping rule** [1]: the one of :mod:`moe_theory.fit.solver`, applied by its drivers. A NaN or
 infinite log-likelihood or parameter also stops the loop, and the fit then reports
@@ -78,6 +80,7 @@ def expert_mstep(family: Family, config: EMConfig, params: MoEParams, x, y, omeg
     """
     expert = family.expert
     if expert.has_closed_form_mstep:
+        check_bound(family, config)
         new = expert.weighted_mstep(x, y, omega, config.variance_floor)
     else:
         fields = expert.fields
@@ -97,7 +100,7 @@ def expert_mstep(family: Family, config: EMConfig, params: MoEParams, x, y, omeg
             free = {name: jnp.ones_like(value) for name, value in unconstrained.items()}
             updated, _, _ = newton_ascent(
                 objective, unconstrained, free, config.expert_steps, config.max_halvings,
-                derivatives=derivatives, tolerance=config.inner_tol,
+                derivatives=derivatives, tolerance=config.inner_tol, bound=config.bound,
             )
             return updated
 
@@ -190,6 +193,42 @@ def check_joint_likelihood(family: Family) -> None:
         )
 
 
+def check_bound(family: Family, config: EMConfig) -> None:
+    """Refuse ``config.bound`` where the M-step cannot keep it: a closed-form expert M-step (weighted
+    least squares has no box) and the joint likelihood's closed-form gate M-step."""
+    if config.bound is None:
+        return
+    if family.expert.has_closed_form_mstep:
+        raise ValueError(f"bound: the {type(family.expert).__name__} expert's closed-form M-step has no box; "
+                         "a bound is for experts fitted by Newton steps (multinomial logistic, nonlinear)")
+    if config.likelihood == "joint":
+        raise ValueError("bound: the joint likelihood's closed-form gate M-step has no box")
+
+
+def project_params(family: Family, params: MoEParams, bound: float | None) -> MoEParams:
+    """``params`` with every unconstrained coordinate clipped to [−B, B] (unchanged without a bound)."""
+    if bound is None:
+        return params
+    gate, expert = (
+        constrain(fields, {name: jnp.clip(value, -bound, bound) for name, value in unconstrain(fields, group).items()})
+        for fields, group in ((family.gate.fields, params.gate), (family.expert.fields, params.expert))
+    )
+    return MoEParams(gate, expert)
+
+
+def on_box(family: Family, params: MoEParams, bound: float) -> jnp.ndarray:
+    """For a batch of fits, whether some unconstrained coordinate lies on the box |u| = ``bound``
+    (the fit is then a maximum over the box, not an interior stationary point)."""
+
+    def one(fitted):
+        flat, _ = ravel_pytree(
+            [unconstrain(family.gate.fields, fitted.gate), unconstrain(family.expert.fields, fitted.expert)]
+        )
+        return jnp.any(jnp.abs(flat) >= bound * (1 - 1e-9))
+
+    return jax.vmap(one)(params)
+
+
 def joint_log_gate(family: Family, gate_params, x) -> jnp.ndarray:
     """log(w_i N(x_j | c_i, Γ_i)), (n, k): the gate's full scores, which the joint E-step uses unnormalised."""
     return gate_scores(family.gate, gate_params, x)[1]
@@ -260,6 +299,7 @@ def gate_mstep(family: Family, config: EMConfig, params: MoEParams, log_gate, x,
         config.max_halvings,
         derivatives=gate_derivatives(family, x, omega, total),
         tolerance=config.inner_tol,
+        bound=config.bound,
     )
     return constrain(fields, updated), log_pi
 
@@ -297,14 +337,16 @@ def prepare(family: Family, config: EMConfig, params0: MoEParams, x, y, weights)
     """The prepared data and the generic state before the first iteration, in the dtype of ``params0``.
 
     Padding rows (weight 0) may hold anything; they are zeroed so that they cannot inject NaN via
-    0·NaN. The start is put in canonical form. Both EM solvers start from here.
+    0·NaN. The start is put in canonical form, and projected onto the box of ``config.bound``. Every
+    solver but the fast path starts from here.
     """
     dtype = jax.tree_util.tree_leaves(params0)[0].dtype
     weights = jnp.ones(x.shape[0], dtype) if weights is None else jnp.asarray(weights, dtype)
     padded = weights > 0
     x = jnp.where(padded[:, None], x, 0.0).astype(dtype)
     y = jnp.where(padded, y, 0).astype(y.dtype)
-    params0 = canonicalize(family, params0)
+    check_bound(family, config)
+    params0 = project_params(family, canonicalize(family, params0), config.bound)
     if config.likelihood == "joint":
         check_joint_likelihood(family)
     log_gate = log_gate_at(family, config, params0.gate, x)

@@ -141,6 +141,7 @@ def fast_path_applies(family: Family, config: EMConfig) -> bool:
         config.fast_path
         and config.likelihood == "conditional"
         and config.gate_steps == 1
+        and config.bound is None
         and gate.score == "linear"
         and gate.normaliser == "softmax"
         and gate.activation is None

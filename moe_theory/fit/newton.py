@@ -22,8 +22,21 @@ hence positive definite, so δ is a Levenberg–Marquardt ascent direction. The 
 is left unchanged. Hence Q never decreases, which keeps EM's log-likelihood monotone (a generalised
 EM). Gradients and Hessians come from automatic differentiation, so a new gate needs no M-step code.
 
+**A compact parameter set** (``EMConfig.bound`` = B). The theorems of [4, 6] are about the MLE over
+a compact set Θ, and for classification experts this matters: a multinomial-logistic expert that
+separates the classes of its share of the data has no finite maximiser, and an over-fitted fit at
+moderate n often finds such a share. With a bound every free coordinate stays in [−B, B] (a real
+parameter |θ| ≤ B; a positive one e^{−B} ≤ v ≤ e^{B}). The ascent is then a projected Newton
+method with an active set, as in bound-constrained Levenberg–Marquardt: a coordinate on a face of
+the box whose gradient points out of it is held for the step (:func:`box_movable`), and every trial
+point is projected onto the box (:func:`box_project`). Q still never decreases, so EM stays monotone,
+now towards the maximum over Θ.
+
 [1] Nguyen, Nguyen, Ho, NeurIPS 2023, arXiv 2305.03288 (the authors' IRLS gate update with step
 halving, ``docs/estimators.md``).
+[4] Nguyen, Akbarian, Nguyen, Ho, ICML 2024, arXiv 2310.14188 (softmax and modified softmax gates,
+multinomial-logistic experts).
+[6] Pham, Cao, Nguyen, Nguyen, Ho, Rinaldo, arXiv 2602.01466 (sigmoid gates, multinomial-logistic experts).
 """
 
 from __future__ import annotations
@@ -58,6 +71,20 @@ def gate_free_mask(family: Family, like: Mapping[str, jnp.ndarray]) -> dict[str,
             # Only the lower triangle of a log-Cholesky factor is a coordinate.
             mask[field.name] = jnp.tril(mask[field.name])
     return mask
+
+
+def box_project(flat: jnp.ndarray, bound: float | None) -> jnp.ndarray:
+    """``flat`` clipped to the box [−B, B] (unchanged when there is no bound)."""
+    return flat if bound is None else jnp.clip(flat, -bound, bound)
+
+
+def box_movable(flat: jnp.ndarray, gradient: jnp.ndarray, bound: float | None) -> jnp.ndarray:
+    """1.0 for the coordinates an ascent step may move: all, except those on a face of the box whose
+    gradient points out of it (moving them would only be undone by the projection)."""
+    if bound is None:
+        return jnp.ones_like(flat)
+    leaving = ((flat >= bound) & (gradient > 0)) | ((flat <= -bound) & (gradient < 0))
+    return jnp.where(leaving, 0.0, 1.0).astype(flat.dtype)
 
 
 def damped_newton_direction(curvature: jnp.ndarray, gradient: jnp.ndarray) -> jnp.ndarray:
@@ -104,6 +131,7 @@ def newton_ascent(
     max_halvings: int = 20,
     derivatives: Callable[[dict], tuple] | None = None,
     tolerance: float = 0.0,
+    bound: float | None = None,
 ) -> tuple[dict, jnp.ndarray, jnp.ndarray]:
     """Maximise ``objective`` from ``start`` by at most ``num_steps`` damped Newton steps on the free coordinates.
 
@@ -124,6 +152,8 @@ def newton_ascent(
             ``ravel_pytree`` order, for objectives with exploitable structure; by default one
             forward-over-reverse automatic-differentiation pass.
         tolerance: relative gain at or below which the loop stops (static).
+        bound: B to keep the free coordinates in [−B, B] (module docstring), or None (static). The
+            start is expected inside the box.
 
     Returns:
         (u, Q(u), aux(u)) at the last accepted point; Q never decreases along the way.
@@ -142,13 +172,14 @@ def newton_ascent(
     def one_step(carry):
         step, flat, _, _, _ = carry
         value, aux, gradient, hessian = flat_derivatives(flat)
-        gradient = gradient * flat_free
-        hessian = hessian * flat_free[:, None] * flat_free[None, :]
-        direction = flat_free * damped_newton_direction(-hessian + jnp.diag(1.0 - flat_free), gradient)
+        moving_free = flat_free * box_movable(flat, gradient, bound)
+        gradient = gradient * moving_free
+        hessian = hessian * moving_free[:, None] * moving_free[None, :]
+        direction = moving_free * damped_newton_direction(-hessian + jnp.diag(1.0 - moving_free), gradient)
 
         def try_step(state):
             step_size, _, _, _, _ = state
-            candidate = flat + step_size * direction
+            candidate = jnp.where(flat_free > 0, box_project(flat + step_size * direction, bound), flat)
             candidate_value, candidate_aux = flat_objective(candidate)
             improved = candidate_value >= value
             return step_size * 0.5, candidate, candidate_value, candidate_aux, improved

@@ -19,6 +19,10 @@ the two.
    ℓ(u_t + αδ) > ℓ(θ_EM);
 4. θ_{t+1} is the Newton point if one was found, else θ_EM.
 
+With ``EMConfig.bound`` the Newton step is the projected one of :mod:`moe_theory.fit.newton`
+(coordinates on a face of the box that the gradient leaves are held, trial points are projected),
+so both candidates stay in the box.
+
 Hence ℓ(θ_{t+1}) ≥ ℓ(θ_EM) ≥ ℓ(θ_t): the log-likelihood never decreases, as in EM, and the iteration
 is never slower than EM's, iteration for iteration. Far from a maximum the EM point usually wins;
 near a non-degenerate one the Newton point wins and the fit ends in a few steps. Along an exactly
@@ -52,7 +56,7 @@ from ..gates import log_gate_weights
 from ..models import Family, canonicalize
 from ..params import MoEParams, constrain, unconstrain
 from .em import EMData, e_step, expert_mstep, gate_derivatives, gate_mstep, prepare
-from .newton import damped_newton_direction, gate_free_mask
+from .newton import box_movable, box_project, damped_newton_direction, gate_free_mask
 from .settings import EMConfig
 from .solver import FitResult, all_finite
 
@@ -193,16 +197,17 @@ class NewtonEM:
         flat_free = jnp.concatenate(
             [ravel_pytree(gate_free_mask(family, unravel_gate(gate_flat)))[0], jnp.ones(expert_rows.size, flat.dtype)]
         )
-        gradient = gradient * flat_free
-        curvature = -hessian * flat_free[:, None] * flat_free[None, :] + jnp.diag(1.0 - flat_free)
-        direction = flat_free * damped_newton_direction(curvature, gradient)
+        moving_free = flat_free * box_movable(flat, gradient, config.bound)
+        gradient = gradient * moving_free
+        curvature = -hessian * moving_free[:, None] * moving_free[None, :] + jnp.diag(1.0 - moving_free)
+        direction = moving_free * damped_newton_direction(curvature, gradient)
 
         def params_at(candidate):
             rows = candidate[gate_flat.size:].reshape(expert_rows.shape)
             return _params_at(family, candidate[: gate_flat.size], unravel_gate, rows, unravel_expert)
 
         def evaluate(step_size):
-            candidate = flat + step_size * direction
+            candidate = jnp.where(flat_free > 0, box_project(flat + step_size * direction, config.bound), flat)
             params = params_at(candidate)
             log_gate = log_gate_weights(family.gate, params.gate, x)
             value, _ = e_step(family, params, log_gate, x, y, weights, total)

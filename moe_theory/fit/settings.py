@@ -55,6 +55,10 @@ class EMConfig:
             end, :mod:`moe_theory.gates`), then under the hard gate, and keep the better of that and
             the hard fit from the start itself; ``n_iter`` counts every stage. The single-solver
             entry points ``fit_em`` and ``fit_em_trace`` ignore it. A dense gate ignores it.
+        bound: B > 0 to maximise over the compact set Θ of parameters whose unconstrained
+            coordinates lie in [−B, B] (:mod:`moe_theory.fit.newton`), or None (no bound). For
+            experts fitted by Newton steps (multinomial-logistic, nonlinear) under the conditional
+            likelihood, with the methods ``em``, ``squarem`` and ``em_newton``.
     """
 
     max_iter: int = 2000
@@ -66,6 +70,7 @@ class EMConfig:
     likelihood: str = "conditional"
     fast_path: bool = True
     selection_schedule: tuple[float, ...] = ()
+    bound: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_iter", "gate_steps", "expert_steps", "max_halvings"):
@@ -85,6 +90,10 @@ class EMConfig:
             isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf") for t in schedule
         ) or any(later >= earlier for earlier, later in zip(schedule, schedule[1:])):
             raise ValueError(f"selection_schedule: expected a tuple of decreasing temperatures > 0, got {schedule!r}")
+        if self.bound is not None and not (
+            isinstance(self.bound, (int, float)) and not isinstance(self.bound, bool) and 0 < self.bound < float("inf")
+        ):
+            raise ValueError(f"bound: expected a positive finite number or None, got {self.bound!r}")
 
 
 @dataclass(frozen=True)

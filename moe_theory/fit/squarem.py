@@ -17,7 +17,7 @@ turns thousands of EM steps into hundreds of cycles.
 
 **Safeguard (monotone).** The cycle ends at u′ only if ℓ(u′) is finite, u′ satisfies the bounds
 EM keeps (expert variances are raised to ``variance_floor``; a joint-likelihood Gaussian gate's
-covariances must stay above it) and ℓ(u′) is at least ℓ(u₂), the value after two plain EM steps;
+covariances must stay above it; u′ is projected onto the box of ``EMConfig.bound``) and ℓ(u′) is at least ℓ(u₂), the value after two plain EM steps;
 otherwise it ends at u₂. Hence ℓ never decreases and a cycle is
 never worse than two EM iterations, whatever the extrapolation did (a non-finite or out-of-support
 u′ is simply rejected). [11] follows the extrapolation by one stabilising EM step, F(u′); here the
@@ -55,6 +55,7 @@ from ..models import Family, canonicalize
 from ..params import MoEParams, constrain, field_with_role, fields_with_role, unconstrain
 from . import fast
 from .em import e_step, expert_mstep, gate_mstep, log_gate_at, prepare
+from .newton import box_project
 from .settings import EMConfig
 from .solver import FitResult, all_finite
 
@@ -163,12 +164,14 @@ def _coordinates(family: Family, params: MoEParams):
     )
 
 
-def extrapolate(family: Family, theta0: MoEParams, theta1: MoEParams, theta2: MoEParams, step_bound, variance_floor=0.0):
+def extrapolate(family: Family, theta0: MoEParams, theta1: MoEParams, theta2: MoEParams, step_bound, variance_floor=0.0,
+                parameter_bound=None):
     """[11]'s S3 point u₀ − 2αr + α²v from θ₀, θ₁ = F(θ₀), θ₂ = F(θ₁) (module docstring), and α.
 
     A field that EM did not move (r = v = 0: a held τ, the reference expert's gate coordinates)
     keeps its value exactly, not its value through log and exp; expert variances are raised to
-    ``variance_floor``, the bound EM's M-step keeps them above."""
+    ``variance_floor``, the bound EM's M-step keeps them above; with a ``parameter_bound`` B
+    (``EMConfig.bound``) the point is projected onto the box [−B, B] that EM stays in."""
     u0, unravel = _coordinates(family, theta0)
     u1, _ = _coordinates(family, theta1)
     u2, _ = _coordinates(family, theta2)
@@ -178,7 +181,7 @@ def extrapolate(family: Family, theta0: MoEParams, theta1: MoEParams, theta2: Mo
     # v = 0 (a straight path, or EM at rest) has no curvature to extrapolate by: α = −1 gives u₂.
     ratio = jnp.where(v_norm > 0, r_norm / jnp.where(v_norm > 0, v_norm, 1.0), 1.0)
     alpha = -jnp.clip(ratio, 1.0, step_bound)
-    unconstrained = unravel(u0 - 2.0 * alpha * r + alpha**2 * v)
+    unconstrained = unravel(box_project(u0 - 2.0 * alpha * r + alpha**2 * v, parameter_bound))
     moved = unravel(jnp.abs(r) + jnp.abs(v))
     groups = {}
     for group, fields in (("gate", family.gate.fields), ("expert", family.expert.fields)):
@@ -229,7 +232,7 @@ class SquaremEM:
         first = em.advance(data, state.point, active)
         second = em.advance(data, first, active)
         params, alpha = extrapolate(self.family, em.params(state.point), em.params(first), em.params(second),
-                                    state.step_bound, self.config.variance_floor)
+                                    state.step_bound, self.config.variance_floor, self.config.bound)
         candidate = em.evaluate(data, params, active)
         value = em.value(candidate)
         keep = jnp.isfinite(value) & all_finite(params) & _feasible(self.family, self.config, params) & (value >= em.value(second))
