@@ -117,6 +117,12 @@ quantity the rates bound) and the mean, NaN for an empty cell. It depends on the
 parameters alone, so it is unaffected by the gate's translation; the cells are those of
 :func:`parameter_errors` at the chosen translation.
 
+In an over-fitted cell the worst d_i also counts an atom the gate hardly uses, whose expert the
+data cannot pin down and which barely changes the density. The theorems' Voronoi losses weight each
+atom by its mass for this reason. The **used** error weights each atom of the cell by its use
+u_i = E_x[π̂_i(x)], the share of inputs the fitted gate routes to it (the same x draws):
+Σ_{i∈A_j} u_i d_i / Σ_{i∈A_j} u_i. It applies to every gate, mass parameter or not.
+
 Density distances
 -----------------
 With p̂ = p_Ĝ(·|x), p* = p_{G*}(·|x), H²(p̂, p*) = ½∫(√p̂ − √p*)² (so 0 ≤ H ≤ 1) and
@@ -787,13 +793,17 @@ class ExpertErrors(NamedTuple):
     Attributes:
         max_error: (k*,) max over the fitted experts of true expert j's cell of d_i (NaN if empty).
         mean_error: (k*,) their mean (NaN if empty).
+        used_error: (k*,) their mean weighted by each fitted expert's use E_x[π̂_i(x)] (NaN if empty).
         distance: (k,) d_i of each fitted expert to the true expert whose cell holds it.
+        usage: (k,) E_x[π̂_i(x)] of each fitted expert.
         assignment: (k,) int, that true expert.
     """
 
     max_error: jnp.ndarray
     mean_error: jnp.ndarray
+    used_error: jnp.ndarray
     distance: jnp.ndarray
+    usage: jnp.ndarray
     assignment: jnp.ndarray
 
 
@@ -856,7 +866,12 @@ def expert_errors(
     def one(fitted_one, assignment):
         distance = expert_distances(family.expert, fitted_one.expert, truth.expert, assignment, x)
         worst, mean = cell_statistics(distance, assignment, num_true)
-        return ExpertErrors(worst, mean, distance, assignment)
+        usage = jnp.mean(jnp.exp(gate_log_weights(family, fitted_one, x)), axis=0)
+        membership = assignment[:, None] == jnp.arange(num_true)[None, :]  # (k, k*)
+        cell_usage = jnp.sum(jnp.where(membership, usage[:, None], 0.0), axis=0)
+        used = jnp.sum(jnp.where(membership, (usage * distance)[:, None], 0.0), axis=0) / jnp.where(cell_usage > 0, cell_usage, 1.0)
+        used = jnp.where(jnp.any(membership, axis=0), used, jnp.nan)
+        return ExpertErrors(worst, mean, used, distance, usage, assignment)
 
     for _ in range(_batch_ndim(family, fitted, "fitted")):
         one = jax.vmap(one)

@@ -363,7 +363,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _markdown_table(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
+    """``frame`` as a Markdown table, numbers formatted for reading."""
     header = "| " + " | ".join(frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
@@ -448,10 +449,10 @@ def write_report(run_dir: str | Path) -> Path:
         main = rates[~rates["metric"].isin(per_atom)]
         parameters = rates[rates["metric"].isin(per_atom)]
         if len(main):
-            lines += [_markdown_table(rates_for_display(main)), ""]
+            lines += [markdown_table(rates_for_display(main)), ""]
         if len(parameters):
             lines += ["Per-parameter errors (worst atom of each true atom's Voronoi cell; the theory key for an "
-                      "over-fitted cell uses its most frequent size):", "", _markdown_table(rates_for_display(parameters)), ""]
+                      "over-fitted cell uses its most frequent size):", "", markdown_table(rates_for_display(parameters)), ""]
     lines += [
         "Slopes are of log(statistic) on log n; *tail slope* fits the upper half of the n range only, so a "
         "difference from the slope shows pre-asymptotic bending. Theory rates hold up to log factors. "

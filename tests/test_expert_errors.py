@@ -64,6 +64,15 @@ def test_classifier_experts_match_a_numpy_loop_of_total_variations():
     np.testing.assert_allclose(result.max_error, worst, rtol=1e-12)
     np.testing.assert_allclose(result.mean_error, mean, rtol=1e-12)
 
+    # The used error: each atom weighted by E_x of its softmax gate weight, from a NumPy softmax.
+    scores = x @ np.asarray(fitted.gate["beta1"]).T + np.asarray(fitted.gate["beta0"])
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+    usage = (weights / weights.sum(axis=1, keepdims=True)).mean(axis=0)
+    used = [np.sum(usage[assignment == j] * distances[assignment == j]) / np.sum(usage[assignment == j]) for j in range(2)]
+    np.testing.assert_allclose(result.usage, usage, rtol=1e-12)
+    np.testing.assert_allclose(result.used_error, used, rtol=1e-12)
+    assert worst[0] > result.used_error[0] > np.min(distances[assignment == 0])
+
 
 def test_regression_experts_match_a_numpy_loop_and_vanish_at_the_truth():
     family = mt.make_family("softmax", "gaussian", 2, dim=1)
