@@ -18,8 +18,12 @@ Conventions:
   ``mkdir``, so two runs never share a folder; a clash just draws a new id.
 * Every file is written to a temporary name in the same folder and moved into place with
   ``os.replace``, which is atomic on POSIX: a reader (or a resumed run) sees a whole file or none.
-* A run folder is locked (``.lock`` holding the pid and host) while a sweep writes into it. A lock
-  whose process is gone (a killed run) is stale and is taken over, with a note.
+* A run folder is locked (``.lock`` holding the pid and host) while a sweep writes into it; see
+  :class:`RunLock` for how the lock is taken, when it is stale and how a stale one is taken over.
+* Every cell part (and the merged table) carries its key in the parquet file's own metadata (under
+  ``moe_theory``): the fit group, n, the replicate range, the seed and a fingerprint of the config
+  settings that determine its numbers, so a resumed run can tell which rows it may keep
+  (:func:`moe_theory.sweep.stored_replicates`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
@@ -48,6 +54,8 @@ REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
 PARTS_DIR = "parts"
 LOCK_FILE = ".lock"
+KEY_METADATA = b"moe_theory"
+"""Key of the parquet schema metadata entry (JSON) that holds what a part or the table was computed with."""
 
 
 class RunFolderError(RuntimeError):
@@ -97,14 +105,28 @@ def write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write_frame(path: Path, frame: pd.DataFrame) -> None:
-    """Write a DataFrame atomically as parquet (``.parquet``) or CSV (anything else)."""
+def write_frame(path: Path, frame: pd.DataFrame, metadata: dict | None = None) -> None:
+    """Write a DataFrame atomically as parquet (``.parquet``) or CSV (anything else). ``metadata``
+    (JSON-able, parquet only) is stored in the file's schema metadata under :data:`KEY_METADATA`."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix == ".parquet":
+    if path.suffix == ".parquet" and metadata is not None:
+        # What DataFrame.to_parquet(index=False) writes, plus our entry beside pandas' own.
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        entries = {**(table.schema.metadata or {}), KEY_METADATA: json.dumps(metadata, default=str).encode()}
+        pq.write_table(table.replace_schema_metadata(entries), temporary)
+    elif path.suffix == ".parquet":
         frame.to_parquet(temporary, index=False)
+    elif metadata is not None:
+        raise ValueError(f"{path}: metadata can only be stored in a parquet file")
     else:
         frame.to_csv(temporary, index=False)
     os.replace(temporary, path)
+
+
+def read_metadata(path: Path) -> dict | None:
+    """The :data:`KEY_METADATA` entry of a parquet file written by :func:`write_frame`, or None."""
+    entry = (pq.read_schema(path).metadata or {}).get(KEY_METADATA)
+    return json.loads(entry) if entry is not None else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,6 +134,8 @@ def write_frame(path: Path, frame: pd.DataFrame) -> None:
 
 
 def _process_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0 or -1, 0) would ask about a whole process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -122,71 +146,168 @@ def _process_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """Exclusive use of a run folder by one process (a context manager); see the module docstring."""
+    """Exclusive use of a run folder by one process (a context manager).
 
-    def __init__(self, run_dir: Path):
+    The lock is the file ``.lock`` holding the holder's pid, host, start time and a random token.
+
+    * **Taking it** is one ``os.open(O_CREAT | O_EXCL)``: of several processes, exactly one creates
+      the file, on a local disk and on NFS alike.
+    * **Stale** means: the holder is on this host and its pid is gone (a killed run). A lock held on
+      *another* host is never stale automatically, because this host cannot see that process; the
+      error names the host and pid and says how to remove the lock by hand. An empty or unparsable
+      lock file is a holder between creating and writing it, and is waited for, unless it is older
+      than ``grace_seconds``.
+    * **Taking over** a stale lock renames it to a unique name, which succeeds for exactly one
+      process; that process checks that it moved the very file it judged stale (same inode and
+      text), then takes the lock with ``O_EXCL`` like anyone else, and removes the moved file only
+      afterwards, so that the new lock cannot reuse the stale file's inode number. A process whose
+      rename moved a newer lock (another takeover finished first) puts it back with ``os.link``,
+      which cannot overwrite, and tries again.
+    * **Releasing** removes the file only if it still holds this lock's token.
+    """
+
+    def __init__(self, run_dir: Path, *, grace_seconds: float = 10.0):
         self.path = Path(run_dir) / LOCK_FILE
+        self.grace_seconds = grace_seconds
+        self.token = secrets.token_hex(8)
         self.took_over: str | None = None
 
     def __enter__(self) -> "RunLock":
+        moved_aside: list[Path] = []
+        try:
+            while True:
+                try:
+                    descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    aside = self._take_over_if_stale()
+                    if aside is not None:
+                        moved_aside.append(aside)
+                    continue
+                holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                          "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "token": self.token}
+                with os.fdopen(descriptor, "w") as handle:
+                    json.dump(holder, handle)
+                return self
+        finally:
+            for path in moved_aside:
+                path.unlink(missing_ok=True)
+
+    def _take_over_if_stale(self) -> Path | None:
+        """Move a stale lock file aside and return where it went (None if it was gone or moved by
+        another process), so that the caller tries ``O_EXCL`` again; raise :class:`RunFolderError`
+        if the lock belongs to a live process or to another host."""
+        judged, text, reason = self._stale_lock()
+        if judged is None:
+            return None
+        aside = self.path.with_name(f"{LOCK_FILE}.stale-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return None
+        moved = os.stat(aside)
+        if (moved.st_dev, moved.st_ino) != (judged.st_dev, judged.st_ino) or aside.read_text() != text:
+            # A lock created after our judgement (another takeover finished first): put it back.
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass  # a third process has locked meanwhile; the next O_EXCL reports it
+            os.unlink(aside)
+            return None
+        self.took_over = f"took over the stale lock of {reason}"
+        return aside
+
+    def _stale_lock(self) -> tuple[os.stat_result | None, str, str]:
+        """(stat, text, description) of the lock file once it is known to be stale; (None, "", "") if
+        it is gone. Raises :class:`RunFolderError` if it is held, or may be held, by a running process."""
+        waited_since = time.monotonic()
         while True:
             try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self._holder()
-                if holder and holder.get("host") == socket.gethostname() and _process_alive(int(holder.get("pid", -1))):
-                    raise RunFolderError(
-                        f"{self.path.parent}: in use by process {holder['pid']} (started {holder.get('since')}); "
-                        "wait for it or stop it first"
-                    ) from None
-                self.took_over = f"took over the stale lock of process {holder.get('pid') if holder else '?'}"
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(descriptor, "w") as handle:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, handle)
-            return self
+                judged = os.stat(self.path)
+                text = self.path.read_text()
+            except FileNotFoundError:
+                return None, "", ""
+            holder = _parse_holder(text)
+            if holder is not None:
+                break
+            age = time.time() - judged.st_mtime
+            kind = "an empty" if not text.strip() else "an unreadable"
+            if age >= self.grace_seconds:
+                return judged, text, f"{kind} lock file {age:.1f} s old"
+            if time.monotonic() - waited_since > self.grace_seconds:
+                # Still unreadable after a whole grace period though recently written: no writer mid-write.
+                return judged, text, f"{kind} lock file that stayed so for {self.grace_seconds:g} s"
+            time.sleep(min(0.05, self.grace_seconds / 10))
+        pid, host, since = holder["pid"], holder["host"], holder.get("since", "?")
+        if host != socket.gethostname():
+            raise RunFolderError(
+                f"{self.path.parent}: locked by process {pid} on host {host} (since {since}). A lock held on another "
+                f"host is never taken over automatically: this host cannot tell whether that process is still "
+                f"running. If it is not, remove the lock by hand (rm {self.path}) and run again."
+            )
+        if _process_alive(pid):
+            raise RunFolderError(
+                f"{self.path.parent}: in use by process {pid} (started {since}); wait for it or stop it first"
+            )
+        return judged, text, f"process {pid}"
 
-    def _holder(self) -> dict | None:
+    def _holds(self) -> bool:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
+            holder = _parse_holder(self.path.read_text())
+        except FileNotFoundError:
+            return False
+        return holder is not None and holder.get("token") == self.token
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
+        if self._holds():
+            self.path.unlink(missing_ok=True)
+
+
+def _parse_holder(text: str) -> dict | None:
+    """The holder recorded in a lock file (pid and host at least), or None if the text is not one."""
+    try:
+        holder = json.loads(text)
+        holder["pid"] = int(holder["pid"])
+        holder["host"] = str(holder["host"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return holder
 
 
 # ----------------------------------------------------------------------------------------------
 # Cell parts and the table.
 
 
-def write_part(run_dir: Path, cell: str, frame: pd.DataFrame) -> Path:
-    """Store the rows of one finished cell atomically as ``parts/<cell>.parquet``."""
+def write_part(run_dir: Path, cell: str, frame: pd.DataFrame, metadata: dict | None = None) -> Path:
+    """Store the rows of one finished cell atomically as ``parts/<cell>.parquet``, with ``metadata``
+    (what the rows were computed with, see :func:`write_frame`) in the file."""
     parts = Path(run_dir) / PARTS_DIR
     parts.mkdir(exist_ok=True)
     path = parts / f"{cell}.parquet"
-    write_frame(path, frame)
+    write_frame(path, frame, metadata)
     return path
+
+
+def part_paths(run_dir: Path) -> list[Path]:
+    """The finished part files, by name."""
+    parts = Path(run_dir) / PARTS_DIR
+    return sorted(path for path in parts.glob("*.parquet") if not path.name.startswith(".")) if parts.is_dir() else []
 
 
 def finished_parts(run_dir: Path) -> set[str]:
     """Names of the cells whose part file exists."""
-    parts = Path(run_dir) / PARTS_DIR
-    if not parts.is_dir():
-        return set()
-    return {path.stem for path in parts.glob("*.parquet") if not path.name.startswith(".")}
+    return {path.stem for path in part_paths(run_dir)}
 
 
 def read_parts(run_dir: Path) -> pd.DataFrame | None:
-    parts = sorted((Path(run_dir) / PARTS_DIR).glob("*.parquet"))
-    frames = [pd.read_parquet(path) for path in parts if not path.name.startswith(".")]
+    frames = [pd.read_parquet(path) for path in part_paths(run_dir)]
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def merge_table(run_dir: Path, frame: pd.DataFrame) -> Path:
-    """Write the merged table as ``fits.parquet``, then remove the part files it came from."""
+def merge_table(run_dir: Path, frame: pd.DataFrame, metadata: dict | None = None) -> Path:
+    """Write the merged table as ``fits.parquet`` (with ``metadata``, see :func:`write_frame`), then
+    remove the part files it came from."""
     path = Path(run_dir) / TABLE_FILE
-    write_frame(path, frame)
+    write_frame(path, frame, metadata)
     shutil.rmtree(Path(run_dir) / PARTS_DIR, ignore_errors=True)
     return path
 

@@ -6,6 +6,24 @@ starts the fitter, fits, and scores the fit against the truth; the rows of the c
 atomically (:func:`moe_theory.storage.write_part`) as soon as it finishes, so an interrupted run
 loses at most the cell in progress and ``--resume`` computes only the missing cells.
 
+Cells, executors and resuming
+-----------------------------
+Cells are independent tasks (:class:`CellWork`: a group, an n and a replicate range) handed to an
+executor (:mod:`moe_theory.executors`). The default runs them in this process, one after the other,
+with the programs compiled ahead (below); the Dask executor runs them on worker processes
+(:func:`compute_cell_on_worker`, which parses the resolved config again on the worker and returns
+the rows). Either way this process alone writes the run folder, as results arrive, and stores a
+cell once even if Dask ran its task twice after losing a worker; the keys below make every row the
+same wherever it was computed (on the same kind of device and device count).
+
+Each part file records its key, the seed and a fingerprint of the settings that determine its
+numbers (:func:`cell_determinants`). A resumed run keeps only rows computed under the folder's
+current settings (:func:`stored_replicates`): raising ``replicates`` in the folder's config computes
+the missing replicates of every cell (:func:`pending_work`); an edited seed, model, fit or metric,
+fewer replicates, or a dropped group or sample size is refused with a message naming the change.
+:func:`run_study` records in ``meta.json`` how each session ended: ``complete``, ``interrupted``
+(Ctrl-C, SIGTERM) or ``failed`` (with the exception), keeping the cells finished before.
+
 Compiled programs
 -----------------
 Two jitted programs do all the work, both on device; only fitted parameters (a few numbers per
@@ -73,16 +91,26 @@ chunks of that size, and a last partial chunk is filled with the next replicate 
 discarded), so a row never depends on how many replicates there are.
 
 On a machine with several accelerators the replicate axis of each chunk is sharded across them
-(the chunk size is rounded up to a multiple of the device count).
+(the chunk size is rounded up to a multiple of the device count). With the chunk size unchanged,
+the sharded program gives the same fitted parameters and scores bit for bit; the reported
+log-likelihood, a sum over the sample that the partitioned program may add in another order, can
+differ in its last bit (``tests/test_executors.py`` checks both on two forced CPU devices).
 
 [1] Nguyen, Nguyen, Ho, NeurIPS 2023, arXiv 2305.03288.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import secrets
+import signal
+import socket
 import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -94,8 +122,8 @@ import numpy as np
 import pandas as pd
 from jax import monitoring
 
-from . import storage
-from .config import GRID_AXES, FitGroup, MetricsConfig, StudyConfig
+from . import executors, storage
+from .config import GRID_AXES, FitGroup, MetricsConfig, StudyConfig, parse_config
 from .fit import EM_DEFAULTS, EMConfig, FitResult, fit_batch
 from .fit.compiling import jit_variant, program_options
 from .fit.em import on_box
@@ -400,8 +428,9 @@ class _AheadCompiler:
 
 
 def _cell_frame(config: StudyConfig, group: FitGroup, n: int, size: int, replicates: np.ndarray,
-                fits: Any, scores: dict[str, np.ndarray]) -> pd.DataFrame:
-    """The rows of one cell for the given replicate ids (host arrays in, a DataFrame out)."""
+                positions: np.ndarray, fits: Any, scores: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The rows of one cell for the given replicate ids, found at ``positions`` of the chunk's host
+    arrays (a DataFrame out)."""
     count = len(replicates)
     columns: dict[str, Any] = {"group": [group.label] * count}
     for axis, value in group.axes().items():
@@ -409,16 +438,16 @@ def _cell_frame(config: StudyConfig, group: FitGroup, n: int, size: int, replica
     columns["n"] = np.full(count, n, dtype=np.int64)
     columns["replicate"] = replicates.astype(np.int64)
     columns["bucket"] = np.full(count, size, dtype=np.int64)
-    columns["log_likelihood"] = np.asarray(fits.log_likelihood[:count], dtype=np.float64)
-    columns["n_iter"] = np.asarray(fits.n_iter[:count], dtype=np.int64)
-    columns["converged"] = np.asarray(fits.converged[:count], dtype=bool)
-    columns["finite"] = np.asarray(fits.finite[:count], dtype=bool)
+    columns["log_likelihood"] = np.asarray(fits.log_likelihood, dtype=np.float64)[positions]
+    columns["n_iter"] = np.asarray(fits.n_iter, dtype=np.int64)[positions]
+    columns["converged"] = np.asarray(fits.converged, dtype=bool)[positions]
+    columns["finite"] = np.asarray(fits.finite, dtype=bool)[positions]
     if config.fit.bound is not None:
-        columns["at_bound"] = np.asarray(on_box(config.fitted_family(group), fits.params, config.fit.bound)[:count], dtype=bool)
+        columns["at_bound"] = np.asarray(on_box(config.fitted_family(group), fits.params, config.fit.bound), dtype=bool)[positions]
     per_atom = {"mass_err": mass_error_column, "mass": mass_column, "cell_size": cell_size_column,
                 "expert_err": expert_error_column}
     for name, value in scores.items():
-        value = np.asarray(value[:count])
+        value = np.asarray(value)[positions]
         if value.ndim == 2:  # (replicate, true atom): err_<block> or one of per_atom
             column = per_atom.get(name, lambda atom, name=name: f"{name}_atom{atom}")
             for atom in range(value.shape[1]):
@@ -427,7 +456,7 @@ def _cell_frame(config: StudyConfig, group: FitGroup, n: int, size: int, replica
             columns[name] = value.astype(np.float64)
     for group_name in ("gate", "expert"):
         for name, value in getattr(fits.params, group_name).items():
-            value = np.asarray(value[:count], dtype=np.float64).reshape(count, -1)
+            value = np.asarray(value, dtype=np.float64)[positions].reshape(count, -1)
             shape = np.asarray(getattr(fits.params, group_name)[name]).shape[1:]
             for flat, index in enumerate(np.ndindex(*shape)):
                 columns["hat_" + "_".join([name, *map(str, index)])] = value[:, flat]
@@ -457,26 +486,158 @@ def column_order(config: StudyConfig) -> list[str]:
     return order
 
 
-def _finished_cells(config: StudyConfig, run_dir: Path) -> set[str]:
-    """Cells already stored: part files, plus the cells of an earlier merged table."""
-    finished = storage.finished_parts(run_dir)
+# ----------------------------------------------------------------------------------------------
+# What a run folder already holds, and whether it may be kept.
+
+
+def cell_determinants(config: StudyConfig) -> dict[str, Any]:
+    """The settings that determine a cell's numbers besides its key (fit group, n, replicate ids).
+
+    That is the resolved config less its name and description, the sample sizes and the replicate
+    count (they say which cells and rows exist, not what is in them: see "Keys" in the module
+    docstring), the grid axes of ``fit`` (a group's own axes are part of its key) and ``rates``
+    (used after the sweep only). ``sweep`` is kept: the batch size and the bucket ladder change the
+    compiled programs, hence the last bits of the numbers.
+    """
+    resolved = config.to_dict()
+    return {
+        "seed": resolved["seed"],
+        "model": resolved["model"],
+        "inputs": resolved["inputs"],
+        "fit": {key: value for key, value in resolved["fit"].items() if key not in GRID_AXES},
+        "metrics": resolved["metrics"],
+        "sweep": resolved["sweep"],
+    }
+
+
+def config_fingerprint(determinants: dict[str, Any]) -> str:
+    """A short stable hash of :func:`cell_determinants`."""
+    return hashlib.sha256(json.dumps(determinants, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _differences(stored: Any, current: Any, path: str = "") -> list[str]:
+    """``key.path: stored → current`` for every setting that differs (lists compared whole)."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        changes = []
+        for key in sorted(set(stored) | set(current), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            changes += _differences(stored.get(key, "<absent>"), current.get(key, "<absent>"), where)
+        return changes
+    return [] if stored == current else [f"{path}: {json.dumps(stored, default=str)} → {json.dumps(current, default=str)}"]
+
+
+def stored_replicates(config: StudyConfig, run_dir: str | Path) -> dict[tuple[int, int], set[int]]:
+    """The replicate ids already stored in ``run_dir``, per cell (group index, n), after checking
+    that every stored row may be kept under ``config``.
+
+    Rows come from the part files and the merged table; each carries its key and the fingerprint of
+    the settings it was computed with (:func:`config_fingerprint`) in its parquet metadata (a folder
+    written before these keys existed has none, and its rows are taken as they are). Raises
+    :class:`moe_theory.storage.RunFolderError`, naming what changed, when rows were computed with
+    other settings (an edited seed, model, fit or metric), belong to a fit group or sample size the
+    config no longer lists, or go beyond its replicate count: keeping them would mix two
+    configurations in one table. A larger replicate count is not a conflict: the sweep computes the
+    missing replicates, which the keys make bit-identical to those of a run that had them from the start.
+    """
+    run_dir = Path(run_dir)
+    determinants = cell_determinants(config)
+    fingerprint = config_fingerprint(determinants)
+    by_axes = {tuple(group.axes().values()): group for group in config.groups}
+    sample_sizes = set(config.sample_sizes)
+    config_path = run_dir / storage.CONFIG_FILE
+    remedy = f"Restore the earlier settings in {config_path}, or start a new run (moe-theory run CONFIG)."
+    stored: dict[tuple[int, int], set[int]] = {}
+
+    def add(source: Path, metadata: dict | None, axes: tuple, n: int, replicates: set[int]) -> None:
+        where = f"{run_dir}: {source.relative_to(run_dir)}"
+        if metadata is not None and metadata.get("fingerprint") != fingerprint:
+            changes = _differences(metadata.get("determinants", {}), determinants)
+            shown = ("; ".join(changes[:6]) + ("; …" if len(changes) > 6 else "") if changes
+                     else f"settings fingerprint {metadata.get('fingerprint')} → {fingerprint}")
+            raise storage.RunFolderError(
+                f"{where} was computed with other settings than {config_path} now gives ({shown}); "
+                f"resuming would mix them in one table. {remedy}"
+            )
+        group = by_axes.get(axes)
+        if group is None:
+            described = ", ".join(f"{axis}={value}" for axis, value in zip(GRID_AXES, axes))
+            raise storage.RunFolderError(f"{where} holds the fit group {described}, which {config_path} no longer lists. {remedy}")
+        if n not in sample_sizes:
+            raise storage.RunFolderError(f"{where} holds n = {n}, which {config_path} no longer lists. {remedy}")
+        if max(replicates) >= config.replicates:
+            raise storage.RunFolderError(
+                f"{where} holds replicates up to {max(replicates)} of {group.label}, n = {n}, but {config_path} "
+                f"asks for replicates: {config.replicates}; the table would hold rows the config does not. {remedy}"
+            )
+        stored.setdefault((group.index, n), set()).update(replicates)
+
+    def add_rows(source: Path, metadata: dict | None) -> None:
+        rows = pd.read_parquet(source, columns=list(GRID_AXES) + ["n", "replicate"])
+        for key, cell in rows.groupby(list(GRID_AXES) + ["n"], sort=False):
+            add(source, metadata, tuple(key[:-1]), int(key[-1]), set(cell["replicate"].astype(int)))
+
+    for path in storage.part_paths(run_dir):
+        metadata = storage.read_metadata(path)
+        if metadata is not None and "replicates" in metadata:
+            axes = tuple(metadata["axes"][axis] for axis in GRID_AXES)
+            add(path, metadata, axes, int(metadata["n"]), set(range(*metadata["replicates"])))
+        else:
+            add_rows(path, metadata)
     table = run_dir / storage.TABLE_FILE
     if table.is_file():
-        stored = pd.read_parquet(table, columns=list(GRID_AXES) + ["n"]).drop_duplicates()
-        by_axes = {tuple(group.axes().values()): group for group in config.groups}
-        for row in stored.itertuples(index=False):
-            group = by_axes.get(tuple(getattr(row, axis) for axis in GRID_AXES))
-            if group is not None:
-                finished.add(cell_name(group, int(row.n)))
-    return finished
+        add_rows(table, storage.read_metadata(table))
+    return stored
+
+
+@dataclass(frozen=True)
+class CellWork:
+    """One task of a sweep: replicates ``first`` ≤ r < ``stop`` of the cell (``group``, ``n``)."""
+
+    group: FitGroup
+    n: int
+    first: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        """The part file's name: the cell's, with the replicate range when it does not start at 0
+        (the replicates a resumed run adds to a stored cell)."""
+        name = cell_name(self.group, self.n)
+        return name if self.first == 0 else f"{name}-r{self.first}-{self.stop}"
+
+
+def pending_work(config: StudyConfig, stored: dict[tuple[int, int], set[int]]) -> list[CellWork]:
+    """What is missing, cell by cell in grid order: one task per run of consecutive missing replicates."""
+    work = []
+    for group in config.groups:
+        for n in config.sample_sizes:
+            have = stored.get((group.index, n), set())
+            first = None
+            for replicate in range(config.replicates + 1):
+                missing = replicate < config.replicates and replicate not in have
+                if missing and first is None:
+                    first = replicate
+                elif not missing and first is not None:
+                    work.append(CellWork(group, n, first, replicate))
+                    first = None
+    return work
 
 
 def merge_results(config: StudyConfig, run_dir: Path) -> pd.DataFrame:
-    """Merge the stored cells into ``fits.parquet`` in canonical order (group, n, replicate)."""
+    """Merge the stored cells into ``fits.parquet`` in canonical order (group, n, replicate), with
+    the settings fingerprint its rows were checked against (:func:`stored_replicates`) and, per
+    stored part, where and with which layout it was computed (its key less the settings)."""
     frames = [frame for frame in (storage.read_parts(run_dir),) if frame is not None]
     table_path = run_dir / storage.TABLE_FILE
+    earlier = None
     if table_path.is_file():
         frames.append(pd.read_parquet(table_path))
+        earlier = storage.read_metadata(table_path)
+    provenance = list((earlier or {}).get("cells", []))
+    for path in storage.part_paths(run_dir):
+        key = storage.read_metadata(path)
+        if key is not None:
+            provenance.append({name: value for name, value in key.items() if name not in ("determinants", "fingerprint")})
     table = pd.concat(frames, ignore_index=True)
     order = {tuple(group.axes().values()): group.index for group in config.groups}
     table["_group_order"] = [order[tuple(row)] for row in table[list(GRID_AXES)].itertuples(index=False)]
@@ -488,7 +649,9 @@ def merge_results(config: StudyConfig, run_dir: Path) -> pd.DataFrame:
     )
     columns = [c for c in column_order(config) if c in table.columns]
     table = table[columns + [c for c in table.columns if c not in columns]]
-    storage.merge_table(run_dir, table)
+    determinants = cell_determinants(config)
+    storage.merge_table(run_dir, table, {"seed": config.seed, "fingerprint": config_fingerprint(determinants),
+                                         "determinants": determinants, "cells": provenance})
     return table
 
 
@@ -560,22 +723,136 @@ def _request_programs(compiler: _AheadCompiler, config: StudyConfig, pending, ro
         compiler.request(("score", group.index), {"program": "score", "group": group.label}, compile_score)
 
 
+class _CellContext:
+    """What the cells of one sweep share in one process: the keys, the truth, the tolerance, the
+    chunk size and the replicate-id chunks (placed on the replicate sharding when there is one)."""
+
+    def __init__(self, config: StudyConfig):
+        self.config = config
+        self.batch = _chunk_size(config)
+        self.sharding = _replicate_sharding()
+        self.root_key = jax.random.key(config.seed)
+        self.density_key = jax.random.fold_in(self.root_key, DENSITY_STREAM)
+        self.truth, self.tol = config.truth, np.float64(config.fit.tol)
+        self._chunks: dict[int, jax.Array] = {}
+
+    def chunk(self, first: int) -> jax.Array:
+        """Replicate ids ``first`` .. ``first + batch − 1`` (``first`` a multiple of the batch)."""
+        if first not in self._chunks:
+            ids = jnp.arange(first, first + self.batch, dtype=jnp.int32)
+            self._chunks[first] = jax.device_put(ids, self.sharding) if self.sharding is not None else ids
+        return self._chunks[first]
+
+
+@dataclass
+class CellResult:
+    """The rows of one :class:`CellWork` and where and how they were computed."""
+
+    work: CellWork
+    frame: pd.DataFrame
+    seconds: float
+    batch_size: int
+    devices: int
+    device_kind: str
+    computed_by: str
+    programs: list[dict] = field(default_factory=list)
+
+
+def compute_cell(context: _CellContext, work: CellWork, log: _CompileLog,
+                 compiler: _AheadCompiler | None = None) -> CellResult:
+    """Sample → start → fit → score the replicates of ``work``, chunk by chunk (see "Keys" in the
+    module docstring: a replicate is computed in the chunk of its id, whatever range is asked for)."""
+    started = time.perf_counter()
+    config, group, n = context.config, work.group, work.n
+    size = bucket_size(n, config.sweep.bucket_growth)
+    fit_spec, score_spec = FitSpec.of(config, group, size), ScoreSpec.of(config, group)
+    fit_program = fit_cells_program(fit_spec)
+    root_key, density_key, truth, tol = context.root_key, context.density_key, context.truth, context.tol
+    frames = []
+    for first in range(work.first - work.first % context.batch, work.stop, context.batch):
+        chunk = context.chunk(first)
+        if compiler is not None:
+            compiler.wait(("fit", group.index, size))
+        fits = log.timed({"program": "fit", "group": group.label, "bucket": size},
+                         lambda: fit_program(fit_spec, root_key, chunk, np.int64(n), tol, truth))
+        if compiler is not None:
+            compiler.wait(("score", group.index))
+        scores = log.timed({"program": "score", "group": group.label},
+                           lambda: score_cells_program(score_spec, fits.params, truth, density_key))
+        fits, scores = jax.device_get((fits, scores))
+        ids = np.asarray(chunk)
+        positions = np.flatnonzero((ids >= work.first) & (ids < work.stop))
+        frames.append(_cell_frame(config, group, n, size, ids[positions], positions, fits, scores))
+    return CellResult(work, pd.concat(frames, ignore_index=True), round(time.perf_counter() - started, 3),
+                      context.batch, jax.device_count(), jax.devices()[0].device_kind,
+                      f"{socket.gethostname()}:{os.getpid()}")
+
+
+_WORKER_CONTEXTS: dict[str, _CellContext] = {}
+_WORKER_CONTEXTS_LOCK = threading.Lock()
+
+
+def _worker_context(payload: dict) -> _CellContext:
+    """The context of the sweep described by ``payload``, built once per worker process, so that its
+    later cells reuse the programs its first cells compiled."""
+    with _WORKER_CONTEXTS_LOCK:
+        context = _WORKER_CONTEXTS.get(payload["config_hash"])
+        if context is None:
+            cache = payload.get("compile_cache")
+            if cache and not jax.config.jax_compilation_cache_dir:
+                try:
+                    Path(cache).mkdir(parents=True, exist_ok=True)
+                    jax.config.update("jax_compilation_cache_dir", str(cache))
+                except OSError:
+                    pass  # a worker that cannot reach the driver's cache folder compiles for itself
+            _check_prefix_stable_random_bits()
+            config = parse_config(payload["config"], payload["source"])
+            context = _WORKER_CONTEXTS[payload["config_hash"]] = _CellContext(config)
+    return context
+
+
+def compute_cell_on_worker(payload: dict, work: CellWork) -> CellResult:
+    """The task an out-of-process executor runs: :func:`compute_cell` under the resolved config in
+    ``payload`` (plain data, parsed again on the worker), with the worker's own compile log. It reads
+    and writes no file; the driver stores what it returns."""
+    context = _worker_context(payload)
+    log = _CompileLog()
+    monitoring.register_event_duration_secs_listener(log.on_duration)
+    try:
+        result = compute_cell(context, work, log)
+    finally:
+        monitoring.unregister_event_duration_listener(log.on_duration)
+    result.programs = [{**program, "ahead": False, "worker": result.computed_by} for program in log.programs]
+    return result
+
+
+def _one_or_all(values: set) -> Any:
+    """A session statistic that is one value on one machine and may vary across workers."""
+    return next(iter(values)) if len(values) == 1 else sorted(values)
+
+
 def run_sweep(
     config: StudyConfig,
     run_dir: str | Path,
     *,
     progress: bool = True,
     after_cell: Callable[[int, str], None] | None = None,
+    executor: executors.LocalExecutor | executors.DaskExecutor | executors.ExecutorOptions | None = None,
 ) -> dict[str, Any]:
     """Compute every cell of ``config`` not yet stored in ``run_dir``, then merge ``fits.parquet``.
 
     Args:
         config: the validated study.
-        run_dir: its results folder (see :mod:`moe_theory.storage`); finished cells found there
-            are not recomputed, which is how ``--resume`` works.
+        run_dir: its results folder (see :mod:`moe_theory.storage`); rows stored there are not
+            recomputed, which is how ``--resume`` works (:func:`stored_replicates` checks that they
+            may be kept and :func:`pending_work` lists what is missing).
         progress: show a tqdm progress bar (on stderr) with an ETA.
-        after_cell: called as ``after_cell(cells_written_this_session, cell_name)`` after each
+        after_cell: called as ``after_cell(cells_written_this_session, part_name)`` after each
             cell is stored (tests use it to kill a run mid-sweep).
+        executor: where the cells are computed (:mod:`moe_theory.executors`): an open executor,
+            which stays open, or options for one that is opened only if there is work and closed at
+            the end. Default: in this process, as :class:`moe_theory.executors.LocalExecutor`.
+            Whatever computes them, this process alone writes the folder, each cell once.
 
     Returns:
         This session's statistics (cells, wall and compile seconds, compile counts), also
@@ -585,83 +862,114 @@ def run_sweep(
     run_dir = Path(run_dir)
     started = time.perf_counter()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
-    finished = _finished_cells(config, run_dir)
+    determinants = cell_determinants(config)
+    fingerprint = config_fingerprint(determinants)
     cells = [(group, n) for group in config.groups for n in config.sample_sizes]
-    pending = [(group, n) for group, n in cells if cell_name(group, n) not in finished]
+    work = pending_work(config, stored_replicates(config, run_dir))
+    cells_with_work = {(unit.group.index, unit.n) for unit in work}
 
     growth = config.sweep.bucket_growth
     batch = _chunk_size(config)
-    sharding = _replicate_sharding()
-    replicate_chunks = []
-    for first in range(0, config.replicates, batch):
-        ids = jnp.arange(first, first + batch, dtype=jnp.int32)
-        replicate_chunks.append(jax.device_put(ids, sharding) if sharding is not None else ids)
-    root_key = jax.random.key(config.seed)
-    density_key = jax.random.fold_in(root_key, DENSITY_STREAM)
-    truth, tol = config.truth, np.float64(config.fit.tol)
+    owned = executor is None or isinstance(executor, executors.ExecutorOptions)
+    if isinstance(executor, executors.ExecutorOptions) and work:
+        executor = executor.open()
+    elif owned:
+        executor = executors.LocalExecutor()  # also when there is nothing to compute: no cluster is started
+    description = executor.describe()
+
+    def cost(unit: CellWork) -> int:
+        """Padded data points fitted for ``unit``, the progress bar's measure: the ETA weighs a cell by its cost."""
+        chunks = math.ceil((unit.stop - (unit.first - unit.first % batch)) / batch)
+        return bucket_size(unit.n, growth) * chunks * batch
 
     log = _CompileLog()
     monitoring.register_event_duration_secs_listener(log.on_duration)
     monitoring.register_event_listener(log.on_event)
-    compiler = _AheadCompiler(log)
+    compiler = None
+    futures: dict[Any, CellWork] = {}
+    results: list[CellResult] = []
+    written: set[str] = set()
+    duplicates = 0
     cell_seconds: dict[str, float] = {}
     bar = None
     try:
-        _request_programs(compiler, config, pending, root_key, replicate_chunks[0], tol, truth, density_key)
-        if progress and pending:
+        if executor.in_process:
+            context = _CellContext(config)
+            compiler = _AheadCompiler(log)
+            pending_cells = list(dict.fromkeys((unit.group, unit.n) for unit in work))
+            _request_programs(compiler, config, pending_cells, context.root_key, context.chunk(0), context.tol,
+                              context.truth, context.density_key)
+            for unit in work:
+                futures[executor.submit(compute_cell, context, unit, log, compiler)] = unit
+        elif work:
+            resolved = config.to_dict()
+            payload = {
+                "config": resolved,
+                "source": config.source,
+                "config_hash": hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest(),
+                "compile_cache": jax.config.jax_compilation_cache_dir or None,
+            }
+            # Task names unique to this session: a long-lived scheduler may still hold an earlier
+            # session's results under the same cell names.
+            session_token = secrets.token_hex(6)
+            for unit in work:
+                futures[executor.submit(compute_cell_on_worker, payload, unit,
+                                        key=f"moe-theory-cell-{unit.name}-{session_token}")] = unit
+        if progress and work:
             from tqdm.auto import tqdm
 
-            work = sum(bucket_size(n, growth) * len(replicate_chunks) * batch for _, n in pending)
-            # Progress is measured in padded data points fitted, so the ETA weighs a cell by its cost.
-            bar = tqdm(total=work, desc=config.name, dynamic_ncols=True,
+            bar = tqdm(total=sum(cost(unit) for unit in work), desc=config.name, dynamic_ncols=True,
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
-        for written, (group, n) in enumerate(pending, start=1):
-            cell_start = time.perf_counter()
-            size = bucket_size(n, growth)
+        for future in executor.as_completed(list(futures)):
+            unit = futures[future]
+            result = future.result()
+            executor.release(future)
+            if unit.name in written:
+                duplicates += 1  # a task Dask ran again after losing a worker: the cell is stored already
+                continue
+            storage.write_part(run_dir, unit.name, result.frame, {
+                "cell": cell_name(unit.group, unit.n), "group": unit.group.label, "axes": unit.group.axes(),
+                "n": unit.n, "replicates": [unit.first, unit.stop], "seed": config.seed,
+                "fingerprint": fingerprint, "determinants": determinants, "batch_size": result.batch_size,
+                "devices": result.devices, "device_kind": result.device_kind, "computed_by": result.computed_by,
+            })
+            written.add(unit.name)
+            results.append(replace(result, frame=None))
+            cell_seconds[unit.name] = result.seconds
             if bar is not None:
-                bar.set_postfix_str(f"{group.label}, n={n} (bucket {size})")
-            fit_spec, score_spec = FitSpec.of(config, group, size), ScoreSpec.of(config, group)
-            fit_program = fit_cells_program(fit_spec)
-            frames = []
-            for chunk in replicate_chunks:
-                compiler.wait(("fit", group.index, size))
-                fits = log.timed({"program": "fit", "group": group.label, "bucket": size},
-                                 lambda: fit_program(fit_spec, root_key, chunk, np.int64(n), tol, truth))
-                compiler.wait(("score", group.index))
-                scores = log.timed({"program": "score", "group": group.label},
-                                   lambda: score_cells_program(score_spec, fits.params, truth, density_key))
-                fits, scores = jax.device_get((fits, scores))
-                ids = np.asarray(chunk)
-                keep = ids < config.replicates
-                frames.append(_cell_frame(config, group, n, size, ids[keep], fits, scores))
-            name = cell_name(group, n)
-            storage.write_part(run_dir, name, pd.concat(frames, ignore_index=True))
-            cell_seconds[name] = round(time.perf_counter() - cell_start, 3)
-            if bar is not None:
-                bar.update(size * len(replicate_chunks) * batch)
+                bar.set_postfix_str(f"{unit.group.label}, n={unit.n} (bucket {bucket_size(unit.n, growth)})")
+                bar.update(cost(unit))
             if after_cell is not None:
-                after_cell(written, name)
+                after_cell(len(written), unit.name)
     finally:
-        compiler.close()
+        executor.cancel(future for future, unit in futures.items() if unit.name not in written)
+        if owned:
+            executor.close()
+        if compiler is not None:
+            compiler.close()
         if bar is not None:
             bar.close()
         monitoring.unregister_event_duration_listener(log.on_duration)
         monitoring.unregister_event_listener(log.on_event)
 
     merge_results(config, run_dir)
+    programs = log.programs + [program for result in results for program in result.programs]
     return {
         "started_at": started_at,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "wall_seconds": round(time.perf_counter() - started, 3),
+        "executor": description,
         "cells_total": len(cells),
-        "cells_already_stored": len(cells) - len(pending),
-        "cells_computed": len(pending),
-        "batch_size": batch,
-        "devices": jax.device_count(),
-        "compile_count": len(log.programs),
-        "compile_seconds": round(sum(p["trace_seconds"] + p["compile_seconds"] for p in log.programs), 3),
+        "cells_already_stored": len(cells) - len(cells_with_work),
+        "cells_computed": len(work),
+        "replicates_computed": sum(unit.stop - unit.first for unit in work),
+        "duplicate_results_ignored": duplicates,
+        "batch_size": _one_or_all({result.batch_size for result in results} or {batch}),
+        "devices": _one_or_all({result.devices for result in results} or {jax.device_count()}),
+        "compile_count": len(programs),
+        "compile_seconds": round(sum(p["trace_seconds"] + p["compile_seconds"] for p in programs), 3),
         "compile_wait_seconds": round(log.wait_seconds, 3),
-        "programs": log.programs,
+        "programs": programs,
         "xla_compilations_all": log.xla_compiles,
         "xla_compile_seconds_all": round(log.xla_seconds, 3),
         "persistent_cache_hits": log.cache_hits,
@@ -684,6 +992,40 @@ def _totals(sessions: list[dict]) -> dict[str, Any]:
     }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception while a study runs so that it ends like Ctrl-C: the
+    session is recorded as interrupted and the finished cells are kept."""
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """Raise :class:`Terminated` on SIGTERM in this block (only the main thread can handle signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated("SIGTERM received")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _record_end(run_dir: Path, meta: dict, error: BaseException, cells_stored: int) -> None:
+    """Mark the session and the run ``interrupted`` (Ctrl-C, SIGTERM, exit) or ``failed`` (any other
+    exception) with the reason, in place of ``running``."""
+    status = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
+    reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    meta["sessions"][-1].update(status=status, reason=reason, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                cells_stored=cells_stored)
+    meta["status"] = status
+    meta["totals"] = _totals(meta["sessions"])
+    storage.write_meta(run_dir, meta)
+
+
 def run_study(
     config: StudyConfig,
     run_dir: str | Path,
@@ -692,17 +1034,28 @@ def run_study(
     command: str | None = None,
     after_cell: Callable[[int, str], None] | None = None,
     figures: bool = True,
+    executor: executors.LocalExecutor | executors.DaskExecutor | executors.ExecutorOptions | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a study into ``run_dir`` and write every artefact of the results folder.
 
     ``run_dir`` must hold the resolved ``config.yaml`` (:func:`moe_theory.storage.create_run_dir`
-    then :meth:`StudyConfig.to_yaml`, as ``moe-theory run`` does). Cells already stored there are
-    not recomputed. Returns the updated ``meta.json`` contents.
+    then :meth:`StudyConfig.to_yaml`, as ``moe-theory run`` does). Rows already stored there are
+    not recomputed; a folder whose stored rows another configuration computed is refused before a
+    session opens (:func:`stored_replicates`). ``executor`` is passed to :func:`run_sweep`.
+
+    Whatever ends the session is recorded in ``meta.json``: ``complete``; ``interrupted`` (Ctrl-C or
+    SIGTERM) or ``failed`` (an exception), with the reason, the exception propagating. Finished
+    cells are kept either way, and ``--resume`` continues from them. Only a kill that leaves no
+    chance to write (SIGKILL, power loss) leaves ``running``, which the next session marks
+    ``interrupted``. Returns the updated ``meta.json`` contents.
     """
     from . import plotting, report  # here, not at the top: matplotlib is slow to import and only a whole study draws
 
+    if isinstance(executor, executors.ExecutorOptions):
+        executor.check()
     run_dir = Path(run_dir)
     with storage.RunLock(run_dir) as lock:
+        stored_replicates(config, run_dir)
         meta = storage.read_meta(run_dir)
         if not meta:
             meta = {
@@ -714,23 +1067,34 @@ def run_study(
                 "seed": config.seed,
                 "environment": storage.environment(),
                 "git": storage.git_state(),
-                "plan": plan(config),
                 "sessions": [],
             }
+        meta["plan"] = plan(config)  # a resumed folder's config may have been edited (more replicates)
         storage.begin_session(run_dir, meta, command, lock,
                               persistent_compile_cache=jax.config.jax_compilation_cache_dir or None)
+        stored_this_session: list[str] = []
 
-        session = run_sweep(config, run_dir, progress=progress, after_cell=after_cell)
-        meta["sessions"][-1].update(status="complete", **session)
-        meta["status"] = "complete"
-        meta["totals"] = _totals(meta["sessions"])
-        storage.write_meta(run_dir, meta)
-        start = time.perf_counter()
-        report.write_tables(run_dir)
-        if figures:
-            plotting.make_figures(run_dir)
-        meta["sessions"][-1]["tables_and_figures_seconds"] = round(time.perf_counter() - start, 3)
-        meta["totals"] = _totals(meta["sessions"])
-        storage.write_meta(run_dir, meta)
-        report.write_report(run_dir)
+        def count_and_forward(written: int, name: str) -> None:
+            stored_this_session.append(name)
+            if after_cell is not None:
+                after_cell(written, name)
+
+        try:
+            with _sigterm_interrupts():
+                session = run_sweep(config, run_dir, progress=progress, after_cell=count_and_forward, executor=executor)
+                meta["sessions"][-1].update(status="complete", **session)
+                meta["status"] = "complete"
+                meta["totals"] = _totals(meta["sessions"])
+                storage.write_meta(run_dir, meta)
+                start = time.perf_counter()
+                report.write_tables(run_dir)
+                if figures:
+                    plotting.make_figures(run_dir)
+                meta["sessions"][-1]["tables_and_figures_seconds"] = round(time.perf_counter() - start, 3)
+                meta["totals"] = _totals(meta["sessions"])
+                storage.write_meta(run_dir, meta)
+                report.write_report(run_dir)
+        except BaseException as error:
+            _record_end(run_dir, meta, error, len(stored_this_session))
+            raise
     return meta

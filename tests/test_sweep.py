@@ -133,10 +133,11 @@ def test_resume_after_a_failure_equals_an_uninterrupted_run(smoke, tmp_path):
     with pytest.raises(Interrupted):
         sweep.run_study(config, run_dir, progress=False, figures=False, after_cell=fail_after_two)
     assert len(storage.finished_parts(run_dir)) == 2 and not (run_dir / storage.TABLE_FILE).exists()
-    assert storage.read_meta(run_dir)["status"] == "running"
+    failed = storage.read_meta(run_dir)
+    assert failed["status"] == "failed" and failed["sessions"][-1]["reason"].startswith("Interrupted")
 
     meta = sweep.run_study(config, run_dir, progress=False, figures=False)
-    assert [s["status"] for s in meta["sessions"]] == ["interrupted", "complete"]
+    assert [s["status"] for s in meta["sessions"]] == ["failed", "complete"]
     assert meta["sessions"][-1]["cells_already_stored"] == 2 and meta["sessions"][-1]["cells_computed"] == 4
     pd.testing.assert_frame_equal(storage.read_table(run_dir), uninterrupted, check_exact=True)
 
