@@ -5,7 +5,8 @@ sweep's column) also counts an atom the fitted gate hardly uses, whose expert th
 down. The used error Σ_{i∈A_j} u_i d_i / Σ_{i∈A_j} u_i weights each atom by its use
 u_i = E_x[π̂_i(x)] (docs/losses.md, :func:`moe_theory.losses.expert_errors`), as the theorems' Voronoi
 losses weight atoms by their masses. Runs made before the sweep recorded it are rescored here from
-their fitted parameters (the ``hat_…`` columns), nothing refitted:
+their fitted parameters (the ``hat_…`` columns), nothing refitted; for newer runs the stored
+``used_expert_err_atom<j>`` columns are checked against the rescoring too:
 
 1. every arm's fits are scored again by :func:`moe_theory.losses.expert_errors` with the sweep's own
    x draws (root key → DENSITY_STREAM → EXPERT_ERROR_DRAWS, the same number of draws, cells and
@@ -38,6 +39,7 @@ import moe_theory as mt
 from moe_theory import arms, comparison, storage
 from moe_theory.config import MetricSelector
 from moe_theory.losses import expert_errors
+from moe_theory.metrics import used_expert_error_column
 from moe_theory.report import markdown_table
 from moe_theory.sweep import DENSITY_STREAM, EXPERT_ERROR_DRAWS
 
@@ -78,7 +80,11 @@ def rescore(config, table: pd.DataFrame) -> pd.DataFrame:
             if not agree.all():
                 raise SystemExit(f"{group.label}, atom {atom}: the rescored worst expert errors differ from the stored "
                                  f"ones (largest gap {np.nanmax(np.abs(worst - stored)):.3g}); not the sweep's scoring")
-            table.loc[rows, f"used_expert_err_atom{atom}"] = np.where(finite, np.asarray(scores.used_error[:, atom]), np.nan)
+            used = np.where(finite, np.asarray(scores.used_error[:, atom]), np.nan)
+            column = used_expert_error_column(atom)
+            if column in table and not np.allclose(table.loc[rows, column].to_numpy(), used, rtol=1e-9, atol=1e-12, equal_nan=True):
+                raise SystemExit(f"{group.label}, atom {atom}: the rescored used expert errors differ from the stored ones")
+            table.loc[rows, column] = used
     return table
 
 
@@ -86,7 +92,7 @@ def used_rows(arm: comparison.Arm, table: pd.DataFrame) -> pd.DataFrame:
     """The used errors as long-table rows (:mod:`moe_theory.metrics`) of ``arm``."""
     frames = []
     for atom in range(arm.config.num_true):
-        column = f"used_expert_err_atom{atom}"
+        column = used_expert_error_column(atom)
         frames.append(pd.DataFrame({
             "arm": arm.label, "group": table["group"].to_numpy(), "n": table["n"].to_numpy(dtype=np.int64),
             "replicate": table["replicate"].to_numpy(dtype=np.int64), "metric": USED, "block": "",
@@ -105,7 +111,7 @@ def summary(label: str, config, table: pd.DataFrame) -> pd.DataFrame:
         aggregations["on_box"] = ("at_bound", "mean")
     for atom in range(config.num_true):
         aggregations[f"worst_atom{atom}"] = (f"expert_err_atom{atom}", "median")
-        aggregations[f"used_atom{atom}"] = (f"used_expert_err_atom{atom}", "median")
+        aggregations[f"used_atom{atom}"] = (used_expert_error_column(atom), "median")
     frame = table.groupby(["group", "n"]).agg(**aggregations).reset_index()
     frame.insert(0, "arm", label)
     return frame
@@ -123,7 +129,10 @@ def main() -> None:
     augmented, summaries = [], []
     for member in members:
         table = rescore(member.config, storage.read_table(member.run_dir))
-        augmented.append(dataclasses.replace(member, long=pd.concat([member.long, used_rows(member, table)], ignore_index=True)))
+        long = member.long
+        if not (long["metric"] == USED).any():  # a run from before the sweep stored the used errors
+            long = pd.concat([long, used_rows(member, table)], ignore_index=True)
+        augmented.append(dataclasses.replace(member, long=long))
         summaries.append(summary(member.label, member.config, table))
     num_true = members[0].config.num_true
     settings = dataclasses.replace(study.comparison, metrics=tuple(MetricSelector(USED, atom=j) for j in range(num_true)))

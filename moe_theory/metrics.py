@@ -10,7 +10,8 @@ are
 * ``metric``: the score's kind: a loss name (``D1``, ``D2`` or a custom loss), ``error`` (the worst
   error of a parameter block over true atom j's Voronoi cell), ``mass_error`` (|cell mass − w*_j|),
   ``shared_error`` (|τ̂ − τ*| of a parameter shared by all experts), ``expert_error`` (the worst
-  expert estimation error over true expert j's cell), or a density distance (``hellinger``, ``tv``);
+  expert estimation error over true expert j's cell), ``used_expert_error`` (its mean over the cell
+  weighted by each atom's use E_x[π̂_i(x)]), or a density distance (``hellinger``, ``tv``);
 * ``block``: the parameter block (``beta1``, ``a``, …) for parameter errors, else empty;
 * ``atom``: the true atom j for per-atom scores, else −1;
 * ``cell_size``: |A_j| of that atom's Voronoi cell in this fit, else −1;
@@ -35,6 +36,8 @@ import pandas as pd
 LONG_COLUMNS = ("arm", "group", "n", "replicate", "metric", "block", "atom", "cell_size", "translation", "column", "value",
                 "finite", "converged")
 NO_ATOM = -1
+PARAMETER_METRICS = ("error", "mass_error", "shared_error", "expert_error", "used_expert_error")
+"""The metrics measured per parameter block or per true atom (reports list them apart from the losses)."""
 
 
 class MetricSpec(NamedTuple):
@@ -71,6 +74,10 @@ def expert_error_column(atom: int) -> str:
     return f"expert_err_atom{atom}"
 
 
+def used_expert_error_column(atom: int) -> str:
+    return f"used_expert_err_atom{atom}"
+
+
 def metric_specs(config, group) -> tuple[MetricSpec, ...]:
     """Every score column a fit of ``group`` (a :class:`moe_theory.config.FitGroup`) of ``config`` (a
     :class:`moe_theory.config.StudyConfig`, which builds on this module and so is not imported here)
@@ -90,7 +97,8 @@ def metric_specs(config, group) -> tuple[MetricSpec, ...]:
         specs += [MetricSpec(shared_error_column(block), "shared_error", block, translation=translation)
                   for block in config.shared_blocks()]
     if metrics.expert_errors is not None:
-        specs += [MetricSpec(expert_error_column(atom), "expert_error", atom=atom, translation=metrics.parameter_translation)
+        specs += [MetricSpec(column(atom), metric, atom=atom, translation=metrics.parameter_translation)
+                  for column, metric in ((expert_error_column, "expert_error"), (used_expert_error_column, "used_expert_error"))
                   for atom in range(config.num_true)]
     return tuple(specs)
 

@@ -60,7 +60,7 @@ import pandas as pd
 from . import storage
 from .comparison import report_lines
 from .config import FitGroup, StudyConfig, load_config, select_columns
-from .metrics import MetricSpec, cell_size_column, long_table, metric_specs
+from .metrics import PARAMETER_METRICS, MetricSpec, cell_size_column, long_table, metric_specs
 from .rates import (
     UnknownTheoreticalRateError,
     asymptotic_slope,
@@ -426,7 +426,7 @@ def write_report(run_dir: str | Path) -> Path:
     summary = pd.read_csv(summary_path)
     rates = pd.read_csv(rates_path, keep_default_na=False, na_values=[""])
     for column in ("label", "theory_rate", "verdict", "theory_key"):
-        rates[column] = rates[column].fillna("").astype(str)
+        rates[column] = rates[column].astype(object).fillna("").astype(str)  # an all-empty column reads as float
     meta = storage.read_meta(run_dir)
     figures = sorted((run_dir / storage.FIGURES_DIR).glob("*.png"))
 
@@ -445,7 +445,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## Measured rates", ""]
     if len(rates):
         per_atom = {spec.column for group in config.groups for spec in metric_specs(config, group)
-                    if spec.metric in ("error", "mass_error", "shared_error", "expert_error")}
+                    if spec.metric in PARAMETER_METRICS}
         main = rates[~rates["metric"].isin(per_atom)]
         parameters = rates[rates["metric"].isin(per_atom)]
         if len(main):
@@ -550,7 +550,7 @@ def _arm_rate_lines(arms) -> list[str]:
         specs = {spec.column: spec for group in arm.config.groups for spec in metric_specs(arm.config, group)}
         for row in rates.itertuples():
             spec = specs.get(row.metric)
-            if spec is None or spec.metric in ("error", "mass_error", "shared_error", "expert_error"):
+            if spec is None or spec.metric in PARAMETER_METRICS:
                 continue
             lines.append(f"| {arm.label} | {row.group} | {row.metric} | {_fmt(row.slope)} [{_fmt(row.ci_low)}, {_fmt(row.ci_high)}] | "
                          f"{_fmt(row.tail_slope)} | {row.theory_rate if isinstance(row.theory_rate, str) else ''} | "

@@ -137,6 +137,7 @@ from .metrics import (
     mass_column,
     mass_error_column,
     shared_error_column,
+    used_expert_error_column,
 )
 from .models import Family, gate_log_weights
 from .params import MoEParams
@@ -311,7 +312,7 @@ def score_cells(spec: ScoreSpec, fitted, truth, density_key) -> dict[str, jnp.nd
         experts = expert_errors(jax.random.fold_in(density_key, EXPERT_ERROR_DRAWS), family, fitted, truth, spec.inputs,
                                 metrics.expert_errors, translation=metrics.parameter_translation,
                                 exponents="first_order" if exact else None)
-        scores["expert_err"] = experts.max_error
+        scores["expert_err"], scores["used_expert_err"] = experts.max_error, experts.used_error
     if density is not None:
         distances = density_distances(
             density_key, family, fitted, truth, spec.inputs, density.num_inputs, density.grid_size,
@@ -445,7 +446,7 @@ def _cell_frame(config: StudyConfig, group: FitGroup, n: int, size: int, replica
     if config.fit.bound is not None:
         columns["at_bound"] = np.asarray(on_box(config.fitted_family(group), fits.params, config.fit.bound), dtype=bool)[positions]
     per_atom = {"mass_err": mass_error_column, "mass": mass_column, "cell_size": cell_size_column,
-                "expert_err": expert_error_column}
+                "expert_err": expert_error_column, "used_expert_err": used_expert_error_column}
     for name, value in scores.items():
         value = np.asarray(value)[positions]
         if value.ndim == 2:  # (replicate, true atom): err_<block> or one of per_atom
@@ -478,6 +479,7 @@ def column_order(config: StudyConfig) -> list[str]:
         order += [shared_error_column(block) for block in config.shared_blocks()]
     if config.metrics.expert_errors is not None:
         order += [expert_error_column(atom) for atom in range(config.num_true)]
+        order += [used_expert_error_column(atom) for atom in range(config.num_true)]
     largest = max(config.groups, key=lambda g: g.num_experts)
     family = config.fitted_family(largest)
     for fields in (family.gate.fields, family.expert.fields):

@@ -123,9 +123,11 @@ def test_the_sweep_stores_expert_errors_equal_to_a_direct_computation(tmp_path):
     sweep.run_study(config, run_dir, progress=False, figures=False)
     table = storage.read_table(run_dir)
     columns = [metrics.expert_error_column(atom) for atom in range(2)]
-    assert set(columns) <= set(table.columns) and np.isfinite(table[columns].to_numpy()).all()
+    used = [metrics.used_expert_error_column(atom) for atom in range(2)]
+    assert set(columns + used) <= set(table.columns) and np.isfinite(table[columns + used].to_numpy()).all()
     long = pd.read_parquet(run_dir / storage.METRICS_FILE)
     assert set(long.loc[long.metric == "expert_error", "column"]) == set(columns)
+    assert set(long.loc[long.metric == "used_expert_error", "column"]) == set(used)
 
     # One stored fit, rebuilt from its hat_ columns and scored directly with the sweep's x draws.
     row = table.iloc[0]
@@ -137,3 +139,4 @@ def test_the_sweep_stores_expert_errors_equal_to_a_direct_computation(tmp_path):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), sweep.DENSITY_STREAM), sweep.EXPERT_ERROR_DRAWS)
     direct = expert_errors(key, family, fitted, config.truth, config.inputs, 64, translation="mass", exponents="first_order")
     np.testing.assert_allclose(row[columns].to_numpy(dtype=float), direct.max_error, rtol=1e-10)
+    np.testing.assert_allclose(row[used].to_numpy(dtype=float), direct.used_error, rtol=1e-10)
