@@ -20,8 +20,12 @@ comparison, the same for the errors of β1 and τ. For a gate that identifies β
 
 It also measures the flatness itself: the largest change of the true conditional log-density over
 5,000 draws from the truth when (β1, τ) moves to (cβ1, cτ), c = 1/2 and 2 (0 to rounding on a flat
-curve). Writes ratio_error.csv and flatness.csv to results/paper3/ or results/paper6/ (default: the
-newest run).
+curve); and whether the gate *function* is estimated where its parameters are not: for every fit
+at the smallest and largest n, the gate-function error E_x|π̂(x) − π*(x)| (over 4,000 draws, the
+worse of the two ways to match the fitted experts with the true ones, k = k* = 2) and the excess
+ℓ(θ̂) − ℓ(θ*) of the fit's mean log-likelihood over the truth's on the fit's own data, regenerated
+with the sweep's keys. Writes ratio_error.csv, flatness.csv and gate_function.csv to results/paper3/
+or results/paper6/ (default: the newest run).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import pandas as pd
 import moe_theory as mt
 from moe_theory import arms, storage
 from moe_theory.rates import compare_power_vs_log, fit_rate
+from moe_theory.sweep import DATA_STREAM, fitted_params_from_table, sample_padded
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = {"paper3_temperature_vs_activation": "paper3", "paper6_temperature_vs_euclidean": "paper6"}
@@ -93,6 +98,32 @@ def flatness(label: str, config) -> list[dict]:
     return rows
 
 
+GATE_DRAWS = 4000
+
+
+def gate_function(label: str, config, table: pd.DataFrame) -> list[dict]:
+    """Per fit at the smallest and largest n: the gate-function error and ℓ(θ̂) − ℓ(θ*) (module docstring)."""
+    family = config.fitted_family(config.groups[0])
+    truth = mt.canonicalize(config.true_family, config.truth)
+    x = config.inputs.draw(jax.random.key(GATE_DRAWS), GATE_DRAWS, family.dim, np.float64, truth)
+    true_weights = np.asarray(mt.gate_weights(config.true_family, truth, x))
+    data_key = jax.random.fold_in(jax.random.key(config.seed), DATA_STREAM)
+    rows = []
+    for n in (table["n"].min(), table["n"].max()):
+        cells = table[table["n"] == n]
+        fitted = fitted_params_from_table(family, cells)
+        for position, replicate in enumerate(cells["replicate"].to_numpy()):
+            one = jax.tree_util.tree_map(lambda value: value[position], fitted)
+            weights = np.asarray(mt.gate_weights(family, one, x))
+            error = min(np.mean(np.abs(weights - true_weights)[:, 0]), np.mean(np.abs(weights[:, ::-1] - true_weights)[:, 0]))
+            xs, ys, _ = sample_padded(jax.random.fold_in(jax.random.fold_in(data_key, int(n)), int(replicate)),
+                                      config.true_family, config.truth, int(n), int(n), config.inputs)
+            excess = float(mt.log_likelihood(family, one, xs, ys) - mt.log_likelihood(config.true_family, truth, xs, ys))
+            rows.append({"arm": label, "n": int(n), "replicate": int(replicate), "gate_function_error": error,
+                         "log_likelihood_excess": excess, "tau_hat": float(one.gate["tau"])})
+    return rows
+
+
 def describe(arm: str, quantity: str, series: pd.DataFrame, config) -> dict:
     rates = config.rates
     with warnings.catch_warnings():
@@ -116,11 +147,12 @@ def main() -> None:
     if run_dir is None or not arms.is_arms_run(run_dir):
         raise SystemExit(f"no run of {study_name} under results/{study_name}/; run `moe-theory run configs/{study_name}.yaml`")
     study, members = arms.load_arms(run_dir)
-    records, flat = [], []
+    records, flat, gates = [], [], []
     for member in members:
         flat += flatness(member.label, member.config)
         table = storage.read_table(member.run_dir)
         table = table[table["finite"].astype(bool)]
+        gates += gate_function(member.label, member.config, table)
         errors = ratio_errors(member.config, table)
         for atom, series in errors.groupby("atom"):
             if np.nanmax(series["value"]) > 1e-12:  # the reference atom's ratio is 0 by construction
@@ -139,7 +171,11 @@ def main() -> None:
     flat_path = out / "flatness.csv"
     pd.DataFrame.from_records(flat).to_csv(flat_path, index=False, float_format="%.3g")
     print(pd.DataFrame.from_records(flat).to_string(index=False))
-    print(f"\nwrote {path} and {flat_path} (run {run_dir})")
+    gate_path = out / "gate_function.csv"
+    gate_table = pd.DataFrame.from_records(gates)
+    gate_table.to_csv(gate_path, index=False, float_format="%.6g")
+    print(gate_table.groupby(["arm", "n"])[["gate_function_error", "log_likelihood_excess", "tau_hat"]].median().round(4))
+    print(f"\nwrote {path}, {flat_path} and {gate_path} (run {run_dir})")
 
 
 if __name__ == "__main__":

@@ -41,24 +41,11 @@ from moe_theory.config import MetricSelector
 from moe_theory.losses import expert_errors
 from moe_theory.metrics import used_expert_error_column
 from moe_theory.report import markdown_table
-from moe_theory.sweep import DENSITY_STREAM, EXPERT_ERROR_DRAWS
+from moe_theory.sweep import DENSITY_STREAM, EXPERT_ERROR_DRAWS, fitted_params_from_table
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ("paper4_modified_softmax", "paper6_sigmoid_vs_softmax", "paper6_temperature_vs_euclidean")
 USED = "used_expert_error"
-
-
-def fitted_params(family: mt.Family, table: pd.DataFrame) -> mt.MoEParams:
-    """The fitted parameters of every row, batched, from the ``hat_<field>_<index…>`` columns."""
-    groups = {}
-    for group, fields in (("gate", family.gate.fields), ("expert", family.expert.fields)):
-        values = {}
-        for field in fields:
-            shape = family.field_shape(field)
-            columns = ["hat_" + "_".join([field.name, *map(str, index)]) for index in np.ndindex(*shape)]
-            values[field.name] = table[columns].to_numpy(dtype=np.float64).reshape((len(table),) + tuple(shape))
-        groups[group] = values
-    return mt.MoEParams(groups["gate"], groups["expert"])
 
 
 def rescore(config, table: pd.DataFrame) -> pd.DataFrame:
@@ -68,7 +55,7 @@ def rescore(config, table: pd.DataFrame) -> pd.DataFrame:
     for group in config.groups:
         rows = table["group"] == group.label
         family = config.fitted_family(group)
-        scores = expert_errors(key, config.true_family, fitted_params(family, table[rows]),
+        scores = expert_errors(key, config.true_family, fitted_params_from_table(family, table[rows]),
                                mt.canonicalize(config.true_family, config.truth), config.inputs, config.metrics.expert_errors,
                                translation=config.metrics.parameter_translation,
                                exponents="first_order" if config.is_exact(group) else None)

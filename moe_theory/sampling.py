@@ -26,6 +26,7 @@ Papers: [1] arXiv 2305.03288, [8] arXiv 2305.07572.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, Mapping
@@ -211,3 +212,18 @@ def sample(
     labels = jax.random.categorical(label_key, gate_log_weights(family, params, x), axis=-1).astype(jnp.int32)
     y = family.expert.sample(response_key, params.expert, x, labels)
     return x, y, labels
+
+
+def bucket_size(n: int, growth: float) -> int:
+    """The padded size N(n): the smallest ⌈growth^i⌉ ≥ n, or n itself when growth = 1. A sweep pads
+    every sample of size n to N(n) rows (:mod:`moe_theory.sweep`, "Buckets"), so that sizes of one
+    bucket share a compiled program."""
+    if growth <= 1.0:
+        return int(n)
+    power = 0
+    while True:
+        # Rounding before the ceiling keeps exact powers (2^i) exact despite floating error.
+        size = math.ceil(round(growth**power, 9))
+        if size >= n:
+            return size
+        power += 1

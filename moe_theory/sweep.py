@@ -141,7 +141,7 @@ from .metrics import (
 )
 from .models import Family, gate_log_weights
 from .params import MoEParams
-from .sampling import InputDistribution
+from .sampling import InputDistribution, bucket_size
 
 __all__ = ["DATA_STREAM", "INIT_STREAM", "DENSITY_STREAM", "bucket_size", "cell_name", "run_sweep", "sample_padded"]
 
@@ -152,19 +152,6 @@ EXPERT_ERROR_DRAWS = 1
 
 ID_COLUMNS = ("group",) + GRID_AXES + ("n", "replicate", "bucket")
 FIT_COLUMNS = ("log_likelihood", "n_iter", "converged", "finite", "at_bound")
-
-
-def bucket_size(n: int, growth: float) -> int:
-    """The padded size N(n): the smallest ⌈growth^i⌉ ≥ n, or n itself when growth = 1."""
-    if growth <= 1.0:
-        return int(n)
-    power = 0
-    while True:
-        # Rounding before the ceiling keeps exact powers (2^i) exact despite floating error.
-        size = math.ceil(round(growth**power, 9))
-        if size >= n:
-            return size
-        power += 1
 
 
 def cell_name(group: FitGroup, n: int) -> str:
@@ -462,6 +449,20 @@ def _cell_frame(config: StudyConfig, group: FitGroup, n: int, size: int, replica
             for flat, index in enumerate(np.ndindex(*shape)):
                 columns["hat_" + "_".join([name, *map(str, index)])] = value[:, flat]
     return pd.DataFrame(columns)
+
+
+def fitted_params_from_table(family: Family, table: pd.DataFrame) -> MoEParams:
+    """The fitted parameters of every row of a results table, batched along the rows: the inverse of
+    the ``hat_<field>_<index…>`` columns :func:`_cell_frame` writes (for rescoring stored fits)."""
+    groups = {}
+    for group, fields in (("gate", family.gate.fields), ("expert", family.expert.fields)):
+        values = {}
+        for field_ in fields:
+            shape = family.field_shape(field_)
+            columns = ["hat_" + "_".join([field_.name, *map(str, index)]) for index in np.ndindex(*shape)]
+            values[field_.name] = table[columns].to_numpy(dtype=np.float64).reshape((len(table),) + tuple(shape))
+        groups[group] = values
+    return MoEParams(groups["gate"], groups["expert"])
 
 
 def column_order(config: StudyConfig) -> list[str]:
