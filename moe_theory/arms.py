@@ -14,15 +14,18 @@ Layout of an arms run, ``results/<name>/<run_id>/``::
 
 Each arm runs as an ordinary study (:func:`moe_theory.sweep.run_study`) in its own folder, so an
 interrupted arms run resumes arm by arm and cell by cell, and an arm can be inspected, redrawn or
-reported on alone. Arms that share the true model, inputs and seed draw the same datasets (the
+reported on alone. Every arm's cells go to the same executor (:mod:`moe_theory.executors`), opened
+once for the whole study, and ``meta.json`` records how the session ended (``complete``,
+``interrupted`` or ``failed`` with the reason), as for a single study. Arms that share the true model, inputs and seed draw the same datasets (the
 sweep's data keys depend on the seed, n and the replicate only).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -48,14 +51,22 @@ def run_arms(
     command: str | None = None,
     figures: bool = True,
     after_arm: Callable[[str], None] | None = None,
+    executor: Any = None,
 ) -> dict:
     """Run (or resume) every arm of ``study`` into ``run_dir``, then write the comparison.
 
     ``run_dir`` must hold the study's ``config.yaml``. Arms already complete are kept; an
-    interrupted arm resumes without recomputing its finished cells.
+    interrupted arm resumes without recomputing its finished cells. ``executor`` is an open executor
+    or :class:`moe_theory.executors.ExecutorOptions` (opened here for all arms, closed at the end),
+    as for :func:`moe_theory.sweep.run_study`.
     """
-    from . import sweep  # the sweep imports JAX programs; reading a finished run does not need them
+    from . import executors  # imports JAX programs (the sweep); reading a finished run does not need them
 
+    if isinstance(executor, executors.ExecutorOptions):
+        executor.check()
+        with _opened(executor) as opened:
+            return run_arms(study, run_dir, progress=progress, command=command, figures=figures,
+                            after_arm=after_arm, executor=opened)
     run_dir = Path(run_dir)
     with storage.RunLock(run_dir) as lock:
         meta = storage.read_meta(run_dir) or {
@@ -70,31 +81,58 @@ def run_arms(
         }
         storage.begin_session(run_dir, meta, command, lock)
         started = time.perf_counter()
-        for name, config in study.arms:
-            folder = arm_dir(run_dir, name)
-            folder.mkdir(parents=True, exist_ok=True)
-            arm_meta = storage.read_meta(folder)
-            if arm_meta.get("status") == "complete":
-                continue
-            stored = folder / storage.CONFIG_FILE
-            if stored.is_file():
-                # Resuming: the arm's cells must be computed under the settings they started with.
-                if load_config(stored).to_dict() != config.to_dict():
-                    raise storage.RunFolderError(
-                        f"{stored}: arm {name!r} of this run was started with other settings than {study.source} "
-                        "now resolves to (an edited config or other defaults); start a new run instead"
-                    )
-            else:
-                storage.write_text(stored, config.to_yaml())
-            sweep.run_study(config, folder, progress=progress, command=command, figures=figures)
-            if after_arm is not None:
-                after_arm(name)
+        try:
+            _run_each_arm(study, run_dir, progress, command, figures, after_arm, executor)
+        except BaseException as error:
+            status = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"  # SIGTERM too
+            meta["sessions"][-1].update(status=status, reason=f"{type(error).__name__}: {error}".rstrip(": "),
+                                        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                        wall_seconds=round(time.perf_counter() - started, 3))
+            meta["status"] = status
+            storage.write_meta(run_dir, meta)
+            raise
         meta["sessions"][-1].update(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
                                     wall_seconds=round(time.perf_counter() - started, 3))
         meta["status"] = "complete"
         storage.write_meta(run_dir, meta)
         write_comparison(run_dir, study, figures=figures)
     return meta
+
+
+@contextmanager
+def _opened(options):
+    """The executor of ``options``, open for the block and closed after it."""
+    executor = options.open()
+    try:
+        yield executor
+    finally:
+        executor.close()
+
+
+def _run_each_arm(study: ArmsStudy, run_dir: Path, progress: bool, command: str | None, figures: bool,
+                  after_arm: Callable[[str], None] | None, executor: Any) -> None:
+    """Each arm not yet complete, in order, as an ordinary study in its own folder."""
+    from . import sweep
+
+    for name, config in study.arms:
+        folder = arm_dir(run_dir, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        arm_meta = storage.read_meta(folder)
+        if arm_meta.get("status") == "complete":
+            continue
+        stored = folder / storage.CONFIG_FILE
+        if stored.is_file():
+            # Resuming: the arm's cells must be computed under the settings they started with.
+            if load_config(stored).to_dict() != config.to_dict():
+                raise storage.RunFolderError(
+                    f"{stored}: arm {name!r} of this run was started with other settings than {study.source} "
+                    "now resolves to (an edited config or other defaults); start a new run instead"
+                )
+        else:
+            storage.write_text(stored, config.to_yaml())
+        sweep.run_study(config, folder, progress=progress, command=command, figures=figures, executor=executor)
+        if after_arm is not None:
+            after_arm(name)
 
 
 def load_arms(run_dir: str | Path) -> tuple[ArmsStudy, list[comparison.Arm]]:

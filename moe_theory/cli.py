@@ -22,6 +22,12 @@
   ``{"name": "polynomial", "degree": 3}``), optionally ``--bound B`` to keep every parameter in
   [−B, B]; it reports the mean squared residual instead of a log-likelihood.
 
+Before anything compiles, ``run`` estimates the study's peak memory (:mod:`moe_theory.resources`) and
+refuses a plan larger than the memory available, naming the key to change; ``--memory-limit SIZE``
+sets the budget and ``--allow-large`` runs anyway. Every refused command ends in :func:`main`, which
+prints one line, ``moe-theory: error: ...``, and exits with status 2 (1 for ``fit``), without a
+traceback; an unexpected exception keeps its traceback.
+
 ``run`` keeps JAX's persistent compilation cache in ``$MOE_THEORY_CACHE`` (default
 ``~/.cache/moe_theory/jax``), so a repeated or resumed run loads its compiled programs instead of
 compiling them again; ``--no-compile-cache`` turns it off.
@@ -31,11 +37,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -46,55 +55,193 @@ CLI_RANDOM_STARTS = 5
 own data has no known truth to start near, so the command line fits from several starts by default."""
 
 
-def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+class CommandError(Exception):
+    """A command cannot go on: bad arguments, data or files. :func:`main` prints its message as one
+    line (``moe-theory: error: ...``) and exits with a non-zero status, without a traceback."""
+
+
+ERROR_STATUS = 2
+"""Exit status of a refused command (a bad config, run folder, option or file), as argparse's own."""
+INTERRUPTED_STATUS = 130
+"""Exit status after Ctrl-C: 128 + SIGINT, as a shell reports a process killed by it."""
+BROKEN_PIPE_STATUS = 141
+"""Exit status when the reader of stdout went away (``moe-theory list | head``): 128 + SIGPIPE."""
+NAN_TEXTS = frozenset({"nan", "na", "n/a", "null", "none"})
+"""Cell texts read as a missing value rather than as a word that is not a number."""
+
+
+@dataclass(frozen=True)
+class CsvData:
+    """The data of ``fit --data``: inputs (n, d), responses (n,) and each row's line in the file."""
+
+    x: np.ndarray
+    y: np.ndarray
+    lines: np.ndarray
+
+
+def _read_csv(path: Path) -> CsvData:
+    """Read and check a CSV of x1..xd, y: every problem (unreadable, empty, ragged or duplicated
+    columns, a missing, non-numeric or infinite value) is a :class:`CommandError` naming the line
+    and column, because a silently dropped or coerced value would change the fit."""
     import pandas as pd
 
+    where = f"--data {path}"
     if not path.is_file():
-        raise SystemExit(f"error: --data {path}: no such file")
-    table = pd.read_csv(path)
-    inputs = sorted((c for c in table.columns if c.startswith("x") and c[1:].isdigit()), key=lambda c: int(c[1:]))
-    if "y" not in table.columns or not inputs:
-        raise SystemExit(f"error: --data {path}: expected columns x1..xd and y, found {list(table.columns)}")
+        raise CommandError(f"{where}: no such file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CommandError(f"{where}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                           f"{error.start}); expected a CSV file") from None
+    except OSError as error:
+        raise CommandError(f"{where}: cannot read the file ({error.strerror})") from None
+    if "\x00" in text:
+        raise CommandError(f"{where}: holds NUL bytes, so it is a binary file; expected a CSV text file")
+    rows = [(reader_line, row) for reader_line, row in _csv_rows(text) if any(cell.strip() for cell in row)]
+    if not rows:
+        raise CommandError(f"{where}: empty file; expected a header x1,...,xd,y and data rows")
+    (_, header), body = rows[0], rows[1:]
+    header = [name.strip() for name in header]
+    duplicated = sorted({name for name in header if header.count(name) > 1})
+    if duplicated:
+        raise CommandError(f"{where}: duplicated column(s) {duplicated}; expected each column once")
+    inputs = sorted((c for c in header if c.startswith("x") and c[1:].isdigit()), key=lambda c: int(c[1:]))
+    if "y" not in header or not inputs:
+        raise CommandError(f"{where}: expected columns x1..xd and y, found {header}")
     if [int(c[1:]) for c in inputs] != list(range(1, len(inputs) + 1)):
-        raise SystemExit(f"error: --data {path}: input columns must be x1..xd without gaps, found {inputs}")
-    values = table[inputs + ["y"]]
-    if values.isna().any().any():
-        row = int(np.argwhere(values.isna().to_numpy())[0][0])
-        raise SystemExit(f"error: --data {path}: missing value in data row {row + 1}")
-    return values[inputs].to_numpy(float), values["y"].to_numpy()
+        raise CommandError(f"{where}: input columns must be x1..xd without gaps, found {inputs}")
+    if not body:
+        raise CommandError(f"{where}: no data rows under the header; expected at least one row")
+    for line, row in body:
+        if len(row) != len(header):
+            raise CommandError(f"{where}: line {line} has {len(row)} fields; expected {len(header)}, as in the header")
+    lines = np.array([line for line, _ in body])
+    table = pd.DataFrame([row for _, row in body], columns=header)[inputs + ["y"]]
+    raw = table.apply(lambda column: column.str.strip())
+    values = raw.apply(lambda column: pd.to_numeric(column, errors="coerce")).to_numpy(float)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        cell = raw.iat[row, column]
+        if cell == "" or cell.lower() in NAN_TEXTS:
+            what = "missing value"
+        elif np.isinf(values[row, column]):
+            what = f"{cell!r} is infinite"
+        else:
+            what = f"{cell!r} is not a number"
+        raise CommandError(f"{where}: line {lines[row]}, column {raw.columns[column]}: {what}; "
+                           "expected finite numbers in every x and y")
+    return CsvData(values[:, :-1], values[:, -1], lines)
+
+
+def _csv_rows(text: str):
+    """(line number, fields) of every CSV record in ``text``."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text, newline=""))
+    for row in reader:
+        yield reader.line_num, row
 
 
 def _json_or_name(text: str, option: str):
     """A registry name, or a JSON object for a name with options (``{"name": ..., ...}``)."""
-    if not text.startswith("{"):
+    if not text.lstrip().startswith(("{", "[", '"')):
         return text
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise SystemExit(f"error: {option}: invalid JSON ({error})") from None
+        raise CommandError(f"{option}: invalid JSON ({error})") from None
+    if not isinstance(value, dict) or not isinstance(value.get("name", ""), str):
+        raise CommandError(f"{option}: expected a name or a JSON object (with a \"name\" string if any), got {text}")
+    return value
 
 
 def _check_fit_settings(args: argparse.Namespace) -> None:
+    from .resources import MAX_SEED
+
     if args.num_experts < 1:
-        raise SystemExit(f"error: --num-experts: expected a positive integer, got {args.num_experts}")
+        raise CommandError(f"--num-experts: expected a positive integer, got {args.num_experts}")
     if args.n_init < 1:
-        raise SystemExit(f"error: --n-init: expected a positive integer, got {args.n_init}")
-    if not args.tol >= 0:
-        raise SystemExit(f"error: --tol: expected a non-negative number, got {args.tol}")
+        raise CommandError(f"--n-init: expected a positive integer, got {args.n_init}")
+    if not args.tol >= 0 or not math.isfinite(args.tol):
+        raise CommandError(f"--tol: expected a non-negative number, got {args.tol}")
     if args.max_iter < 1:
-        raise SystemExit(f"error: --max-iter: expected a positive integer, got {args.max_iter}")
+        raise CommandError(f"--max-iter: expected a positive integer, got {args.max_iter}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise CommandError(f"--seed: expected an integer in [0, 2^63) (JAX's random key takes a signed 64-bit "
+                           f"integer), got {args.seed}")
+    if args.bound is not None and not (args.bound > 0 and math.isfinite(args.bound)):
+        raise CommandError(f"--bound: expected a positive finite number, got {args.bound}")
+
+
+def _check_output_file(out: str | None) -> None:
+    """Refuse an ``--out`` file that cannot be written, before any fitting."""
+    if out is None:
+        return
+    path = Path(out)
+    folder = path.parent
+    if path.is_dir():
+        raise CommandError(f"--out {out}: is a folder; expected a file path")
+    if not folder.is_dir():
+        raise CommandError(f"--out {out}: no such folder {folder}; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CommandError(f"--out {out}: not writable")
+
+
+def _finite_or_none(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or infinity) and
+    NumPy scalars and arrays made plain."""
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _finite_or_none(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 def _write_report(args: argparse.Namespace, report: dict) -> None:
-    text = json.dumps(report, indent=2, ensure_ascii=False)
+    text = json.dumps(_finite_or_none(report), indent=2, ensure_ascii=False, allow_nan=False)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        try:
+            Path(args.out).write_text(text + "\n", encoding="utf-8")
+        except OSError as error:
+            raise CommandError(f"--out {args.out}: cannot write ({error.strerror})") from None
         print(f"wrote {args.out}")
     else:
         print(text)
 
 
-def _least_squares_command(args: argparse.Namespace, x: np.ndarray, y: np.ndarray) -> int:
+def _parameter_count(family) -> int:
+    """Number of parameters of a :class:`~moe_theory.models.Family` (every field's entries)."""
+    return sum(int(np.prod(family.field_shape(field))) for fields in family.fields.values() for field in fields)
+
+
+def _check_enough_rows(args: argparse.Namespace, rows: int, num_parameters: int, description: str) -> None:
+    """Refuse data with no more rows than parameters: the fit would interpolate (or divide by zero)
+    and still report convergence."""
+    if rows <= num_parameters:
+        raise CommandError(f"--data {args.data}: {rows} rows cannot determine the {num_parameters} parameters "
+                           f"of {description}; expected more rows than parameters")
+
+
+def _report_non_finite(finite: bool) -> int:
+    """The exit status of a finished fit, with a line on stderr when it did not reach a finite value."""
+    if finite:
+        return 0
+    print("moe-theory: error: the fit did not reach a finite objective from any start (non-finite values are "
+          "written as null); try more --n-init starts or fewer experts", file=sys.stderr)
+    return 1
+
+
+def _least_squares_command(args: argparse.Namespace, data: CsvData) -> int:
     """``fit --estimator lse``: the best of ``--n-init`` data-scaled random starts, all fitted at once."""
     import jax
     import jax.numpy as jnp
@@ -103,19 +250,14 @@ def _least_squares_command(args: argparse.Namespace, x: np.ndarray, y: np.ndarra
     from .fit.least_squares import LeastSquaresConfig, LevenbergMarquardt, at_bound
     from .fit.solver import run_solver
 
-    if not np.issubdtype(np.asarray(y).dtype, np.number) or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise SystemExit(f"error: --data {args.data}: least squares needs finite numbers in every x and y")
+    x, y = data.x, data.y
     expert = _json_or_name(args.expert or "linear", "--expert")
     try:
         family = regression.make_regression_family(args.gate, expert, args.num_experts, x.shape[1], args.score)
         settings = LeastSquaresConfig(max_iter=args.max_iter, bound=args.bound)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    num_parameters = sum(int(np.prod(family.moe_family.field_shape(f))) for group in family.moe_family.fields.values()
-                         for f in group)
-    if x.shape[0] <= num_parameters:
-        raise SystemExit(f"error: --data {args.data}: {x.shape[0]} rows cannot determine the {num_parameters} parameters "
-                         f"of {family.describe()}; expected more rows than parameters")
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from None
+    _check_enough_rows(args, x.shape[0], _parameter_count(family.moe_family), family.describe())
     solver = LevenbergMarquardt(regression.RegressionMean(family), settings)
     x, y = jnp.asarray(x, float), jnp.asarray(y, float)
     keys = jax.random.split(jax.random.key(args.seed), args.n_init)
@@ -137,7 +279,7 @@ def _least_squares_command(args: argparse.Namespace, x: np.ndarray, y: np.ndarra
         "starts_converged": int(np.sum(np.asarray(results.converged))),
         "params": regression.as_numpy(params),
     })
-    return 0 if finite else 1
+    return _report_non_finite(finite)
 
 
 def _fit_command(args: argparse.Namespace) -> int:
@@ -149,20 +291,27 @@ def _fit_command(args: argparse.Namespace) -> int:
 
     _check_fit_settings(args)
     if args.estimator != "lse" and (args.bound is not None or args.score != "linear"):
-        raise SystemExit("error: --bound and --score apply to --estimator lse only")
-    x, y = _read_csv(Path(args.data))
+        raise CommandError("--bound and --score apply to --estimator lse only")
+    _check_output_file(args.out)
+    data = _read_csv(Path(args.data))
     if args.estimator == "lse":
-        return _least_squares_command(args, x, y)
+        return _least_squares_command(args, data)
+    x, y = data.x, data.y
     gate = _json_or_name(args.gate, "--gate")
     expert = _json_or_name(args.expert or "gaussian", "--expert")
     try:
         family = make_family(gate, expert, args.num_experts, x.shape[1], args.num_classes)
         config = replace(EM_DEFAULTS, max_iter=args.max_iter, gate_steps=args.gate_steps, likelihood=args.likelihood)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from None
     if family.expert.is_classifier:
-        if not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0 or y.max() >= family.num_classes:
-            raise SystemExit(f"error: --data {args.data}: y must hold integer classes 0..{family.num_classes - 1}")
+        not_a_class = (np.mod(y, 1) != 0) | (y < 0) | (y >= family.num_classes)
+        if not_a_class.any():
+            row = int(np.argmax(not_a_class))
+            raise CommandError(f"--data {args.data}: line {data.lines[row]}, column y: {y[row]:g} is not a class; "
+                               f"y must hold integer classes 0..{family.num_classes - 1}")
+        y = y.astype(np.int64)
+    _check_enough_rows(args, x.shape[0], _parameter_count(family), family.describe())
     try:
         # The fitters check the family against the likelihood and the method when they trace,
         # before any iteration runs.
@@ -171,7 +320,7 @@ def _fit_command(args: argparse.Namespace) -> int:
             config=config,
         )
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise CommandError(str(error)) from None
     report = {
         "family": family.describe(),
         "method": args.method,
@@ -184,7 +333,7 @@ def _fit_command(args: argparse.Namespace) -> int:
         "params": params_to_dict(result.params),
     }
     _write_report(args, report)
-    return 0 if result.finite else 1
+    return _report_non_finite(bool(result.finite))
 
 
 def _default_cache_dir() -> Path:
@@ -195,8 +344,82 @@ def _default_cache_dir() -> Path:
 
 
 def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+    """Print a refused command's message as one line on stderr; the exit status is :data:`ERROR_STATUS`."""
+    print(f"moe-theory: error: {_one_line(message)}", file=sys.stderr)
+    return ERROR_STATUS
+
+
+def _one_line(message: str) -> str:
+    """``message`` on one line (YAML parser messages span several)."""
+    return re.sub(r"\s*\n\s*", " ", message.strip())
+
+
+DEFAULT_RESULTS_ROOT = "results"
+"""Where ``run`` puts a new run when ``--out`` is not given."""
+
+
+def _resolve_config(config: str | None) -> str | None:
+    """A config path, or the name ``moe-theory list`` prints (``quickstart.yaml``, or ``quickstart``)
+    of a config in one of :func:`config_folders`, searched in the same order."""
+    if config is None or Path(config).exists() or os.sep in config:
+        return config
+    file_name = config if config.endswith((".yaml", ".yml")) else f"{config}.yaml"
+    for folder in config_folders():
+        if (folder / file_name).is_file():
+            return str(folder / file_name)
+    return config  # load_config reports "no such config file"
+
+
+def _check_folder_usable(path: Path, option: str) -> None:
+    """Refuse a folder that cannot be created or written, without creating anything: its nearest
+    existing ancestor must be a writable folder."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CommandError(f"{option} {path}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CommandError(f"{option} {path}: {probe} is not writable")
+
+
+def _check_run_arguments(args: argparse.Namespace) -> None:
+    """What ``run`` can refuse before reading a config: ``--out`` with ``--resume`` (a resumed run
+    stays in its own folder, so an ``--out`` would be ignored), unusable ``--out`` and
+    ``--compile-cache`` folders, and a bad ``--memory-limit``. Resolves a shipped config's name."""
+    from .resources import parse_memory_size
+
+    if args.resume and args.out is not None:
+        raise CommandError("--out cannot be combined with --resume: a resumed run continues in its own folder "
+                           f"({args.resume}); leave out --out")
+    args.out = DEFAULT_RESULTS_ROOT if args.out is None else args.out
+    args.config = _resolve_config(args.config)
+    if not args.resume:
+        _check_folder_usable(Path(args.out), "--out")
+    if not args.no_compile_cache:
+        _check_folder_usable(Path(args.compile_cache) if args.compile_cache else _default_cache_dir(), "--compile-cache")
+    if args.memory_limit is not None:
+        try:
+            args.memory_limit = parse_memory_size(args.memory_limit)
+        except ValueError as error:
+            raise CommandError(f"--memory-limit: {error}") from None
+
+
+def _check_memory(args: argparse.Namespace, config) -> None:
+    """Refuse a study whose largest cell would not fit in memory (:func:`moe_theory.resources.check_study`),
+    before anything compiles; with ``--allow-large``, say so and go on."""
+    from .resources import check_study
+
+    note = check_study(config, limit=args.memory_limit, allow_large=args.allow_large)
+    if note:
+        print(f"moe-theory: warning: {note}", file=sys.stderr, flush=True)
+
+
+def _add_resource_options(run_parser: argparse.ArgumentParser) -> None:
+    run_parser.add_argument("--memory-limit", metavar="SIZE",
+                            help="memory the study may use, e.g. 8G or 512M (default: the machine's, or the "
+                                 "accelerator's); a study whose estimated peak exceeds it is refused")
+    run_parser.add_argument("--allow-large", action="store_true",
+                            help="run even if the estimated peak memory exceeds the memory available")
 
 
 def _structured_config(args: argparse.Namespace) -> Path | None:
@@ -205,13 +428,14 @@ def _structured_config(args: argparse.Namespace) -> Path | None:
     import yaml
 
     from . import storage
+    from .config import ConfigError, read_config_text, read_yaml
 
     path = Path(args.config) if args.config else (Path(args.resume) / storage.CONFIG_FILE if args.resume else None)
     if path is None or not path.is_file():
         return None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = read_yaml(read_config_text(path))
+    except (ConfigError, yaml.YAMLError):
         return None  # the flat loader reports the problem with its own message
     return path if isinstance(data, dict) and "kind" in data else None
 
@@ -222,6 +446,7 @@ def _run_command(args: argparse.Namespace) -> int:
     from . import storage, sweep
     from .config import ArmsStudy, ConfigError, load_config
 
+    _check_run_arguments(args)
     if not args.no_compile_cache:
         # Set before anything compiles: JAX decides once whether to use the persistent cache.
         cache = Path(args.compile_cache) if args.compile_cache else _default_cache_dir()
@@ -243,6 +468,7 @@ def _run_command(args: argparse.Namespace) -> int:
         if args.resume:
             run_dir = storage.require_run_dir(args.resume)
             config = load_config(run_dir / storage.CONFIG_FILE)
+            _check_memory(args, config)
             if args.config:
                 given = load_config(args.config, args.set)
                 if given.to_dict() != config.to_dict():
@@ -257,6 +483,7 @@ def _run_command(args: argparse.Namespace) -> int:
             if not args.config:
                 return _error("run: give a CONFIG file (see `moe-theory list`) or --resume RUN_DIR")
             config = load_config(args.config, args.set)
+            _check_memory(args, config)
             run_dir = storage.create_run_dir(args.out, config.name)
             storage.write_text(run_dir / storage.CONFIG_FILE, config.to_yaml())
     except (ConfigError, storage.RunFolderError) as error:
@@ -273,9 +500,12 @@ def _run_command(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(f"results: {run_dir}", flush=True)
+    from .executors import ExecutorError, ExecutorOptions
+
     try:
-        meta = sweep.run_study(config, run_dir, progress=not args.no_progress, command=args.command_line)
-    except storage.RunFolderError as error:
+        meta = sweep.run_study(config, run_dir, progress=not args.no_progress, command=args.command_line,
+                               executor=ExecutorOptions(args.executor, args.workers, args.scheduler))
+    except (storage.RunFolderError, ExecutorError) as error:
         return _error(str(error))
 
     session = meta["sessions"][-1]
@@ -308,9 +538,12 @@ def _run_arms(args: argparse.Namespace, study, run_dir: Path) -> int:
         print(f"arm {name}: {len(planned['groups'])} fit group(s) × {planned['sample_sizes']} sample sizes × "
               f"{planned['replicates']} replicates = {planned['fits']} fits", flush=True)
     print(f"results: {run_dir}", flush=True)
+    from .executors import ExecutorError, ExecutorOptions
+
     try:
-        meta = arms.run_arms(study, run_dir, progress=not args.no_progress, command=args.command_line)
-    except storage.RunFolderError as error:
+        meta = arms.run_arms(study, run_dir, progress=not args.no_progress, command=args.command_line,
+                             executor=ExecutorOptions(args.executor, args.workers, args.scheduler))
+    except (storage.RunFolderError, ExecutorError) as error:
         return _error(str(error))
     print(f"\ndone in {meta['sessions'][-1]['wall_seconds']:.0f} s; report: {run_dir / storage.REPORT_FILE}")
     _print_contrasts(run_dir)
@@ -337,19 +570,19 @@ def _compare_command(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from . import arms, comparison, plotting, report, storage
-    from .config import ComparisonSettings, ConfigError
+    from .config import ComparisonSettings
 
-    try:
-        loaded = []
-        for folder in args.run_dirs:
+    if args.out:
+        _check_folder_usable(Path(args.out), "--out")
+    loaded = []
+    for folder in args.run_dirs:
+        with _reading_run(folder):
             if arms.is_arms_run(folder):
                 study, members = arms.load_arms(folder)
                 loaded += [(f"{study.name}:{arm.label}", arm) for arm in members]
             else:
                 arm = arms.load_arm(folder, "")
                 loaded.append((arm.config.name, arm))
-    except (ConfigError, storage.RunFolderError) as error:
-        return _error(str(error))
     labels = [label for label, _ in loaded]
     if len(set(labels)) != len(labels):
         labels = [f"{label}@{Path(arm.run_dir).name}" for label, arm in loaded]
@@ -357,7 +590,7 @@ def _compare_command(args: argparse.Namespace) -> int:
     if args.arms:
         unknown = sorted(set(args.arms) - set(labels))
         if unknown:
-            return _error(f"--arms: unknown arm(s) {unknown}; the runs hold {labels}")
+            raise CommandError(f"--arms: unknown arm(s) {unknown}; the runs hold {labels}")
         members = [arm for arm in members if arm.label in args.arms]
     try:
         selectors = tuple(_parse_selector(text) for text in args.metric) if args.metric else ComparisonSettings().metrics
@@ -366,7 +599,7 @@ def _compare_command(args: argparse.Namespace) -> int:
                                       statistic=statistic, reference=args.reference, n_boot=args.n_boot)
         tables = comparison.compare_arms(members, settings)
     except ValueError as error:
-        return _error(str(error))
+        raise CommandError(str(error)) from None
     out_dir = Path(args.out) if args.out else storage.create_run_dir("results", "compare")
     out_dir.mkdir(parents=True, exist_ok=True)
     storage.write_frame(out_dir / storage.METRICS_FILE, pd.concat([arm.long for arm in members], ignore_index=True))
@@ -418,11 +651,23 @@ def _print_rates(run_dir: Path) -> None:
         print(f"(+ {len(rates) - len(main)} per-parameter rates in {run_dir / storage.RATES_FILE})")
 
 
-def _plot_command(args: argparse.Namespace) -> int:
-    from . import arms, comparison, plotting, storage
-    from .config import ConfigError
+@contextmanager
+def _reading_run(run_dir) -> Iterator[None]:
+    """Turn a results table that Parquet cannot read (truncated, overwritten, not Parquet) into a
+    :class:`CommandError` naming the run folder; config and folder errors pass through to :func:`main`."""
+    import pyarrow
 
     try:
+        yield
+    except pyarrow.ArrowException as error:
+        raise CommandError(f"{run_dir}: a results table (.parquet) cannot be read, it is damaged or not Parquet "
+                           f"({_one_line(str(error))})") from None
+
+
+def _plot_command(args: argparse.Namespace) -> int:
+    from . import arms, comparison, plotting
+
+    with _reading_run(args.run_dir):
         if arms.is_arms_run(args.run_dir):
             study, members = arms.load_arms(args.run_dir)
             tables = comparison.compare_arms(members, study.comparison)
@@ -430,8 +675,6 @@ def _plot_command(args: argparse.Namespace) -> int:
             paths += plotting.comparison_figures(args.run_dir, members, tables, study.comparison)
         else:
             paths = plotting.make_figures(args.run_dir)
-    except (ConfigError, storage.RunFolderError) as error:
-        return _error(str(error))
     for path in paths:
         print(path)
     return 0
@@ -439,9 +682,8 @@ def _plot_command(args: argparse.Namespace) -> int:
 
 def _report_command(args: argparse.Namespace) -> int:
     from . import arms, report, storage
-    from .config import ConfigError
 
-    try:
+    with _reading_run(args.run_dir):
         if arms.is_arms_run(args.run_dir):
             study, members = arms.load_arms(args.run_dir)
             for arm in members:
@@ -453,8 +695,6 @@ def _report_command(args: argparse.Namespace) -> int:
             return 0
         report.write_tables(args.run_dir)
         path = report.write_report(args.run_dir)
-    except (ConfigError, storage.RunFolderError) as error:
-        return _error(str(error))
     run_dir = Path(args.run_dir)
     for name in (storage.SUMMARY_FILE, storage.RATES_FILE):
         print(run_dir / name)
@@ -487,35 +727,50 @@ def _list_command(args: argparse.Namespace) -> int:
         return 0
     import yaml
 
+    from .config import ConfigError, read_config_text, read_yaml
+
     folders = config_folders()
     if not folders:
-        return _error("no configs/ folder found here or next to the package")
+        raise CommandError("no configs/ folder found here or next to the package")
     for folder in folders:
         print(f"{folder}:")
         for path in sorted(folder.glob("*.yaml")):
             try:
-                data = yaml.safe_load(path.read_text()) or {}
+                data = read_yaml(read_config_text(path)) or {}
                 description = data.get("description", "") if isinstance(data, dict) else ""
             except yaml.YAMLError:
                 description = "(not valid YAML)"
-            print(f"  {path.name:<24} {str(description).strip()}")
+            except ConfigError as error:
+                description = f"(not readable: {_one_line(str(error)).removeprefix(f'{path}:').strip()})"
+            print(f"  {path.name:<24} {_one_line(str(description))}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-theory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"moe-theory {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run_parser = commands.add_parser("run", help="run a rate study from a YAML config")
     run_parser.add_argument("config", nargs="?", help="the study's YAML config (see `moe-theory list`)")
     run_parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                             help="override one config key, value parsed as YAML (repeatable), e.g. --set replicates=10")
-    run_parser.add_argument("--out", default="results",
+    run_parser.add_argument("--out", default=None,
                             help="results root; the run goes to OUT/<name>/<run_id>/ (default results)")
     run_parser.add_argument("--resume", metavar="RUN_DIR", help="complete an interrupted run in its folder")
     run_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     run_parser.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache folder")
     run_parser.add_argument("--no-compile-cache", action="store_true", help="do not use a persistent compilation cache")
+    run_parser.add_argument("--executor", choices=("local", "dask"), default=None,
+                            help="where cells are computed: in this process (local, the default) or on Dask "
+                                 "workers (dask; needs the 'distributed' extra and --workers or --scheduler)")
+    where = run_parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="--executor dask: start a local Dask cluster of N worker processes (one thread each)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="--executor dask: use the running Dask scheduler at ADDRESS (tcp://host:8786) "
+                            "or described by a scheduler file; see docs/distributed.md")
+    _add_resource_options(run_parser)
     run_parser.set_defaults(handler=_run_command)
 
     plot_parser = commands.add_parser("plot", help="redraw a run's figures from its results table")
@@ -575,11 +830,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    """The installed distribution's version (the package's own when run from a source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moe_theory")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _expected_error_message(error: Exception) -> str | None:
+    """The message of a failure the user can act on (a bad config, option, file or run folder), or
+    None for anything else: an unexpected exception is a bug, and keeps its traceback."""
+    from . import executors, storage, structured
+    from .config import ConfigError
+    from .resources import ResourceError
+
+    expected = (CommandError, ConfigError, ResourceError, storage.RunFolderError, structured.StudyConfigError,
+                executors.ExecutorError)
+    if isinstance(error, expected):
+        return str(error)
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    return None
+
+
+def _stop_writing_stdout() -> None:
+    """After the reader of stdout went away: point stdout at /dev/null, so that the interpreter's
+    final flush does not fail again and print a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a file (redirected in-process): nothing will be flushed to the pipe
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Every refused command ends here, in one place: its message is printed as
+    ``moe-theory: error: ...`` (one line, no traceback) and the status is :data:`ERROR_STATUS`, except
+    ``fit``, which exits with status 1 through ``SystemExit(message)`` as it always has. Ctrl-C exits
+    with :data:`INTERRUPTED_STATUS` and a closed stdout pipe quietly with :data:`BROKEN_PIPE_STATUS`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.command_line = " ".join(["moe-theory", *argv])  # recorded in a run's meta.json
-    return args.handler(args)
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        args.command_line = " ".join(["moe-theory", *argv])  # recorded in a run's meta.json
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("moe-theory: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    except BrokenPipeError:
+        _stop_writing_stdout()
+        return BROKEN_PIPE_STATUS
+    except Exception as error:
+        message = _expected_error_message(error)
+        if message is None:
+            raise
+        if args is not None and args.command == "fit":
+            raise SystemExit(f"moe-theory: error: {_one_line(message)}") from None
+        return _error(message)
 
 
 if __name__ == "__main__":

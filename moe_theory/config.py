@@ -10,7 +10,13 @@ the YAML has one, the key path (``model.params.expert.nu``) and what was expecte
 
 Conventions
 -----------
-* **Unknown keys are errors**, in every section; so are duplicated keys in the YAML.
+* **Unknown keys are errors**, in every section; so are duplicated keys in the YAML, YAML aliases
+  (``*name``, which can expand a small file without bound) and a file that is not UTF-8.
+* **Limits.** Values no study needs are refused here, before any work: n above 1e8, more than
+  10,000 sample sizes (checked before a ``linspace`` is expanded), more than 1e6 replicates, a
+  ``sweep.bucket_growth`` above 100, seeds of 2^63 or more, names over 100 characters, other
+  integers beyond int32, and inputs that are constant (:mod:`moe_theory.resources` holds the caps
+  and the memory plan ``moe-theory run`` checks next).
 * **Grid axes.** ``fit.num_experts``, ``fit.method``, ``fit.init``, ``fit.n_init`` and
   ``fit.gate_steps`` accept a value or a list; the lists expand to the Cartesian product of
   *fit groups* (:class:`FitGroup`). Every group is fitted at every sample size, for every replicate.
@@ -89,7 +95,17 @@ from .metrics import metric_specs
 from .models import Family, canonicalize, model_from_dict
 from .params import MoEParams, ParameterError, unconstrain
 from .rates import UnknownTheoreticalRateError, list_theoretical_rates, theoretical_rate
-from .sampling import GridInputs, InputDistribution, make_inputs
+from .resources import (
+    MAX_BUCKET_GROWTH,
+    MAX_CONFIG_BYTES,
+    MAX_COUNT,
+    MAX_NAME_LENGTH,
+    MAX_REPLICATES,
+    MAX_SAMPLE_SIZE,
+    MAX_SAMPLE_SIZE_COUNT,
+    MAX_SEED,
+)
+from .sampling import GridInputs, InputDistribution, NormalInputs, UniformInputs, make_inputs
 
 __all__ = [
     "ArmsStudy",
@@ -109,6 +125,7 @@ __all__ = [
     "expand_sample_sizes",
     "load_config",
     "parse_config",
+    "read_yaml",
 ]
 
 GRID_AXES = ("num_experts", "method", "init", "n_init", "gate_steps")
@@ -139,10 +156,39 @@ class ConfigError(ValueError):
 # Reading YAML with the line of every key.
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases (``*name``).
+
+    An alias makes a small file stand for an unbounded document: nine nested anchors of ten aliases
+    each ("billion laughs") expand to 10⁹ values when the config is walked, copied or validated, and
+    an alias inside its own anchor makes a cyclic value (RecursionError). No config needs one, so
+    the first alias is refused with its line, before anything is expanded."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(
+                f"line {event.start_mark.line + 1}: YAML alias *{event.anchor} is not allowed in a config "
+                "(aliases can expand a small file without bound); write the value out instead"
+            )
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML ``text`` with the safe loader, refusing aliases (see :class:`_NoAliasLoader`).
+
+    Raises :class:`ConfigError` (``line N: ...``) for an alias or a document nested too deeply to
+    parse, and ``yaml.YAMLError`` for text that is not YAML."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except RecursionError:
+        raise ConfigError("the YAML is nested too deeply to read") from None
+
+
 def _key_lines(text: str) -> dict[str, int]:
     """Map every key path in a YAML document to its 1-based line; raise on duplicated keys."""
     lines: dict[str, int] = {}
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    root = yaml.compose(text, Loader=_NoAliasLoader)
 
     def walk(node, path: str) -> None:
         if isinstance(node, yaml.MappingNode):
@@ -234,16 +280,21 @@ def _number(ctx: _Context, value: Any, path: str) -> float:
     raise ctx.error(path, f"expected a number, got {_describe(value)}")
 
 
-def _float(ctx: _Context, value: Any, path: str, minimum: float | None = None, strict: bool = False) -> float:
+def _float(ctx: _Context, value: Any, path: str, minimum: float | None = None, strict: bool = False,
+           maximum: float | None = None) -> float:
     number = _number(ctx, value, path)
     if not math.isfinite(number):
         raise ctx.error(path, f"expected a finite number, got {value!r}")
     if minimum is not None and (number < minimum or (strict and number == minimum)):
         raise ctx.error(path, f"expected a number {'>' if strict else '≥'} {minimum:g}, got {value!r}")
+    if maximum is not None and number > maximum:
+        raise ctx.error(path, f"expected a number ≤ {maximum:g}, got {value!r}")
     return number
 
 
-def _int(ctx: _Context, value: Any, path: str, minimum: int | None = None) -> int:
+def _int(ctx: _Context, value: Any, path: str, minimum: int | None = None, maximum: int | None = MAX_COUNT) -> int:
+    """An integer in [minimum, maximum] (None: no bound). The default ceiling is JAX's int32 range,
+    in which the programs count iterations, starts and draws; keys with a lower cap pass their own."""
     if isinstance(value, int) and not isinstance(value, bool):
         number = value  # exact, however large (a float would round seeds beyond 2^53)
     else:
@@ -253,6 +304,8 @@ def _int(ctx: _Context, value: Any, path: str, minimum: int | None = None) -> in
         number = int(real)
     if minimum is not None and number < minimum:
         raise ctx.error(path, f"expected an integer ≥ {minimum}, got {value!r}")
+    if maximum is not None and number > maximum:
+        raise ctx.error(path, f"expected an integer ≤ {maximum}, got {value!r}")
     return number
 
 
@@ -298,17 +351,24 @@ def expand_sample_sizes(spec: Any, ctx: _Context | None = None, path: str = "sam
             where = f"{where}.{kind}"
             if not isinstance(arguments, list) or len(arguments) != 3:
                 raise ctx.error(where, f"expected [start, stop, num], got {_describe(arguments)}")
-            start = _float(ctx, arguments[0], f"{where}[0]", minimum=0, strict=kind == "geomspace")
-            stop = _float(ctx, arguments[1], f"{where}[1]", minimum=0, strict=kind == "geomspace")
-            num = _int(ctx, arguments[2], f"{where}[2]", minimum=1)
+            start = _float(ctx, arguments[0], f"{where}[0]", minimum=0, strict=kind == "geomspace", maximum=MAX_SAMPLE_SIZE)
+            stop = _float(ctx, arguments[1], f"{where}[1]", minimum=0, strict=kind == "geomspace", maximum=MAX_SAMPLE_SIZE)
+            # Checked before expanding: a count of 1e8 would exhaust memory in np.linspace itself.
+            num = _int(ctx, arguments[2], f"{where}[2]", minimum=1, maximum=MAX_SAMPLE_SIZE_COUNT)
+            if len(values) + num > MAX_SAMPLE_SIZE_COUNT:
+                raise ctx.error(path, f"expands to more than {MAX_SAMPLE_SIZE_COUNT} sample sizes")
             spaced = np.linspace(start, stop, num) if kind == "linspace" else np.geomspace(start, stop, num)
             values.extend(float(v) for v in spaced)
         else:
-            values.append(_float(ctx, item, where, minimum=0))
+            values.append(_float(ctx, item, where, minimum=0, maximum=MAX_SAMPLE_SIZE))
+            if len(values) > MAX_SAMPLE_SIZE_COUNT:
+                raise ctx.error(path, f"expected at most {MAX_SAMPLE_SIZE_COUNT} sample sizes")
 
     if isinstance(spec, list):
         if not spec:
             raise ctx.error(path, "expected at least one sample size")
+        if len(spec) > MAX_SAMPLE_SIZE_COUNT:
+            raise ctx.error(path, f"expected at most {MAX_SAMPLE_SIZE_COUNT} sample sizes, got a list of {len(spec)}")
         for index, item in enumerate(spec):
             expand_one(item, f"{path}[{index}]")
     else:
@@ -615,6 +675,11 @@ _MODEL_ERROR_PATH = re.compile(r"^(?:model\.)?([A-Za-z_][A-Za-z0-9_.]*(?:\[\d+\]
 
 def _parse_model(ctx: _Context, raw: Any, dtype: str) -> tuple[dict, Family, MoEParams]:
     model = _mapping(ctx, raw, "model")
+    # model_from_dict casts these with int() (2.7 -> 2, true -> 1) and reads a dim of 0 as "not
+    # given" (-> 1); a study needs exact positive integers, so they are checked here first.
+    for key in ("num_experts", "dim"):
+        if model.get(key) is not None:
+            model[key] = _int(ctx, model[key], f"model.{key}", minimum=1)
     params = model.get("params")
     if params is not None:
         params = _mapping(ctx, params, "model.params")
@@ -640,6 +705,10 @@ def _parse_model(ctx: _Context, raw: Any, dtype: str) -> tuple[dict, Family, MoE
     return model, family, truth
 
 
+INPUT_PROBE_DRAWS = 16
+"""Inputs drawn at parse time to check that a distribution is usable (finite, not constant)."""
+
+
 def _parse_inputs(ctx: _Context, raw: Any, family: Family, truth: MoEParams) -> InputDistribution:
     try:
         inputs = make_inputs(raw)
@@ -647,15 +716,42 @@ def _parse_inputs(ctx: _Context, raw: Any, family: Family, truth: MoEParams) -> 
         raise ctx.error_text("inputs", _inputs_message(error)) from None
     if isinstance(inputs, GridInputs) and family.dim != 1:
         raise ctx.error("inputs", f"the grid input distribution needs d = 1; the model has d = {family.dim}")
+    _check_input_spread(ctx, inputs)
     try:
-        # A two-point draw catches errors that only show with the model (e.g. from_gate without a
+        # A small draw catches errors that only show with the model (e.g. from_gate without a
         # Gaussian gate, or mixture means of the wrong dimension) before any compilation.
         import jax
 
-        inputs.draw(jax.random.key(0), 2, family.dim, jax.tree_util.tree_leaves(truth)[0].dtype, truth)
+        dtype = jax.tree_util.tree_leaves(truth)[0].dtype
+        draws = inputs.draw(jax.random.key(0), INPUT_PROBE_DRAWS, family.dim, dtype, truth)
     except (ValueError, TypeError, KeyError) as error:
         raise ctx.error_text("inputs", _inputs_message(error)) from None
+    draws = np.asarray(draws)
+    if not np.all(np.isfinite(draws)):
+        raise ctx.error("inputs", f"the {inputs.name} input distribution draws non-finite x; check its parameters")
+    constant = [index + 1 for index in range(draws.shape[1]) if np.ptp(draws[:, index]) == 0]
+    if constant:
+        raise ctx.error("inputs", f"the {inputs.name} input distribution draws a constant x{constant[0]}: the gate "
+                        "and the expert slopes cannot be estimated from constant inputs; expected a spread")
     return inputs
+
+
+def _check_input_spread(ctx: _Context, inputs: InputDistribution) -> None:
+    """Refuse the parameters of a registered distribution that make every x the same point (a zero
+    standard deviation, a box or grid with low = high), naming the key; other degenerate
+    distributions are caught by the spread of a probe draw (:func:`_parse_inputs`)."""
+    if isinstance(inputs, NormalInputs):
+        if np.any(np.asarray(inputs.std) <= 0):
+            raise ctx.error("inputs.std",
+                            f"expected a standard deviation > 0 in every coordinate, got {_plain(inputs.std)!r}")
+    elif isinstance(inputs, (UniformInputs, GridInputs)):
+        try:
+            equal = np.any(np.asarray(inputs.low) == np.asarray(inputs.high))
+        except ValueError:
+            return  # bounds of different lengths: the probe draw reports the shape
+        if equal:
+            raise ctx.error("inputs.high", f"expected high ≠ low in every coordinate, got low = {_plain(inputs.low)!r} "
+                            f"and high = {_plain(inputs.high)!r}")
 
 
 def _inputs_message(error: Exception) -> str:
@@ -885,6 +981,9 @@ def _parse_rates(ctx: _Context, raw: Any, family: Family) -> RatesConfig:
         comparison_family = entry.get("family", theory)
         if comparison_family is None:
             raise ctx.error(f"{path}.family", "missing: rates.theory is null, so name the registry family here")
+        for key in ("family", "setting", "quantity"):
+            if key in entry:
+                _string(ctx, entry[key], f"{path}.{key}")
         try:
             theoretical_rate(comparison_family, entry["setting"], entry["quantity"])
         except UnknownTheoreticalRateError:
@@ -920,6 +1019,31 @@ def _probability(ctx: _Context, value: Any, path: str) -> float:
     return number
 
 
+def _folder_name(ctx: _Context, value: Any, path: str, what: str) -> str:
+    """A study or arm name, which names a results folder: letters, digits, '_', '-', '.', not
+    starting with '.' or '-', at most :data:`MAX_NAME_LENGTH` characters (file systems refuse
+    names beyond 255 bytes, and a run folder's path adds the results root and the run id)."""
+    if not isinstance(value, str) or not _NAME_PATTERN.match(value):
+        raise ctx.error(path, f"expected a folder-safe {what} (letters, digits, '_', '-', '.'), got {_describe(value)}")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ctx.error(path, f"expected a {what} of at most {MAX_NAME_LENGTH} characters, got {len(value)}")
+    return value
+
+
+def _seed(ctx: _Context, value: Any, path: str) -> int:
+    """A seed for ``jax.random.key``, which takes a signed 64-bit integer (with x64 enabled)."""
+    seed = _int(ctx, value, path, minimum=0, maximum=None)
+    if seed > MAX_SEED:
+        raise ctx.error(path, f"expected a seed below 2^63 (JAX's random key takes a signed 64-bit integer), got {value!r}")
+    return seed
+
+
+def _string(ctx: _Context, value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ctx.error(path, f"expected a non-empty string, got {_describe(value)}")
+    return value
+
+
 def _name(ctx: _Context, value: Any, path: str) -> str:
     if not isinstance(value, str) or not value:
         raise ctx.error(path, f"expected a column name or glob pattern, got {_describe(value)}")
@@ -944,13 +1068,11 @@ def _parse_study(ctx: _Context, top: dict) -> StudyConfig:
     """One study (one arm) from its merged top-level mapping."""
     source = ctx.source
     _check_keys(ctx, top, "", _TOP_KEYS, required=("name", "model", "sample_sizes", "replicates", "fit"))
-    name = top["name"]
-    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
-        raise ctx.error("name", f"expected a folder-safe name (letters, digits, '_', '-', '.'), got {_describe(name)}")
+    name = _folder_name(ctx, top["name"], "name", "name")
     description = top.get("description", "") or ""
     if not isinstance(description, str):
         raise ctx.error("description", f"expected a one-line string, got {_describe(description)}")
-    seed = _int(ctx, top.get("seed", 0), "seed", minimum=0)
+    seed = _seed(ctx, top.get("seed", 0), "seed")
 
     fit_raw = top.get("fit")
     dtype = "float64"
@@ -960,7 +1082,7 @@ def _parse_study(ctx: _Context, top: dict) -> StudyConfig:
     inputs_spec = top.get("inputs", "uniform")
     inputs = _parse_inputs(ctx, inputs_spec, family, truth)
     sample_sizes = expand_sample_sizes(top["sample_sizes"], ctx)
-    replicates = _int(ctx, top["replicates"], "replicates", minimum=1)
+    replicates = _int(ctx, top["replicates"], "replicates", minimum=1, maximum=MAX_REPLICATES)
     fit = _parse_fit(ctx, fit_raw, family.num_experts)
     if fit.top_k is not None and family.gate.top_k is None:
         raise ctx.error("fit.top_k", f"the true gate ({family.gate.describe()}) is not a top-K gate; fit.top_k sets the "
@@ -994,8 +1116,9 @@ def _parse_study(ctx: _Context, top: dict) -> StudyConfig:
     sweep_raw = _mapping(ctx, top.get("sweep", {}) or {}, "sweep")
     _check_keys(ctx, sweep_raw, "sweep", ("batch_size", "bucket_growth"))
     sweep = SweepSettings(
-        batch_size=_int(ctx, sweep_raw.get("batch_size", 8), "sweep.batch_size", minimum=1),
-        bucket_growth=_float(ctx, sweep_raw.get("bucket_growth", 2.0), "sweep.bucket_growth", minimum=1),
+        batch_size=_int(ctx, sweep_raw.get("batch_size", 8), "sweep.batch_size", minimum=1, maximum=MAX_REPLICATES),
+        bucket_growth=_float(ctx, sweep_raw.get("bucket_growth", 2.0), "sweep.bucket_growth", minimum=1,
+                             maximum=MAX_BUCKET_GROWTH),
     )
     config = StudyConfig(
         name=name,
@@ -1052,7 +1175,9 @@ def apply_overrides(data: Any, overrides: Sequence[str]) -> tuple[dict, list[str
         if not equals or not path:
             raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. fit.tol=1e-8")
         try:
-            value = yaml.safe_load(text)
+            value = read_yaml(text)
+        except ConfigError as error:
+            raise ConfigError(f"--set {override!r}: {str(error).split(': ', 1)[-1]}") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"--set {override!r}: the value is not valid YAML ({error})") from None
         parts = _split_path(path)
@@ -1080,17 +1205,36 @@ def apply_overrides(data: Any, overrides: Sequence[str]) -> tuple[dict, list[str
     return data, paths
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig | ArmsStudy:
-    """Read, override and validate a YAML config. Raises :class:`ConfigError`."""
+def read_config_text(path: str | Path) -> str:
+    """The text of a config file: UTF-8, at most :data:`MAX_CONFIG_BYTES`. Raises :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    text = path.read_text()
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; expected a YAML config of at most {MAX_CONFIG_BYTES} bytes")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+                          "expected a YAML config") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config ({error.strerror})") from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig | ArmsStudy:
+    """Read, override and validate a YAML config. Raises :class:`ConfigError`."""
+    path = Path(path)
+    text = read_config_text(path)
     try:
         lines = _key_lines(text)
-        data = yaml.safe_load(text)
+        data = read_yaml(text)
     except ConfigError as error:
-        raise ConfigError(f"{path}:{str(error).removeprefix('line ')}") from None
+        message = str(error)  # "line N: ..." where the YAML has a line
+        located = f"{path}:{message.removeprefix('line ')}" if message.startswith("line ") else f"{path}: {message}"
+        raise ConfigError(located) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply to read") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     data, overridden = apply_overrides(data, overrides)
@@ -1318,8 +1462,7 @@ def parse_arms(data: Any, source: str = "<dict>", lines: Mapping[str, int] | Non
     arms = []
     for arm_name, overrides in arms_raw.items():
         path = f"arms.{arm_name}"
-        if not isinstance(arm_name, str) or not _NAME_PATTERN.match(arm_name):
-            raise ctx.error(path, "expected a folder-safe arm name (letters, digits, '_', '-', '.')")
+        _folder_name(ctx, arm_name, path, "arm name")
         overrides = _mapping(ctx, overrides if overrides is not None else {}, path)
         for key in overrides:
             if key in SHARED_KEYS:

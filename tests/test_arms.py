@@ -106,6 +106,21 @@ def test_an_interrupted_arms_run_resumes_without_recomputing_a_finished_arm(arms
         assert storage.read_meta(arms.arm_dir(run_dir, name))["status"] == "complete"
 
 
+def test_a_failed_arms_run_records_failed_with_the_reason_and_keeps_its_arms(tmp_path):
+    study = load_config(arms_config(tmp_path, THREE_ARMS))
+    run_dir = storage.create_run_dir(tmp_path, study.name)
+    storage.write_text(run_dir / storage.CONFIG_FILE, study.to_yaml())
+
+    def break_after_first(arm):
+        raise RuntimeError(f"disk full after {arm}")
+
+    with pytest.raises(RuntimeError):
+        arms.run_arms(study, run_dir, progress=False, figures=False, after_arm=break_after_first)
+    meta = storage.read_meta(run_dir)
+    assert meta["status"] == "failed" and meta["sessions"][-1]["reason"] == "RuntimeError: disk full after exact"
+    assert storage.read_meta(arms.arm_dir(run_dir, "exact"))["status"] == "complete"
+
+
 def test_the_comparison_is_written_from_the_stored_tables(arms_run):
     run_dir, _ = arms_run
     long = pd.read_parquet(run_dir / storage.METRICS_FILE)
