@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -320,3 +321,39 @@ def reference_responsibilities(family: mt.Family, values: dict, x: np.ndarray, y
         for i, term in enumerate(row):
             out[j, i] = math.exp(term - log_total) if term != -math.inf else 0.0
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Small runs of the smoke study, for the executor and run-folder tests.
+
+SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+
+
+def new_smoke_run(root: Path, overrides=()) -> tuple:
+    """(config, run folder) of the smoke study with ``overrides``, its config.yaml written."""
+    from moe_theory import storage
+    from moe_theory.config import load_config
+
+    config = load_config(SMOKE_CONFIG, list(overrides))
+    run_dir = storage.create_run_dir(root, config.name)
+    storage.write_text(run_dir / storage.CONFIG_FILE, config.to_yaml())
+    return config, run_dir
+
+
+@pytest.fixture(scope="module")
+def smoke_table(tmp_path_factory):
+    """smoke_table(overrides) → the table of an uninterrupted in-process run of the smoke study
+    (computed once per overrides and module): the reference of a resumed, sharded or distributed run."""
+    from moe_theory import storage, sweep
+
+    tables = {}
+
+    def table(overrides=()):
+        overrides = tuple(overrides)
+        if overrides not in tables:
+            config, run_dir = new_smoke_run(tmp_path_factory.mktemp("uninterrupted"), overrides)
+            sweep.run_sweep(config, run_dir, progress=False)
+            tables[overrides] = storage.read_table(run_dir)
+        return tables[overrides]
+
+    return table

@@ -23,6 +23,8 @@ from moe_theory import executors, plotting, storage, sweep
 from moe_theory.cli import main
 from moe_theory.config import load_config
 
+from conftest import new_smoke_run
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 ONE_GROUP = ("fit.num_experts=2",)  # one fit group: two programs, shared with tests/test_sweep.py
@@ -30,25 +32,13 @@ MORE_CELLS = ONE_GROUP + ("sample_sizes=[40, 44, 48, 52, 56, 60, 64]", "replicat
 
 
 def new_run(root: Path, overrides=()) -> tuple:
-    config = load_config(SMOKE, list(overrides))
-    run_dir = storage.create_run_dir(root, config.name)
-    storage.write_text(run_dir / storage.CONFIG_FILE, config.to_yaml())
-    return config, run_dir
+    return new_smoke_run(root, overrides)
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory):
+def local(smoke_table):
     """local(overrides) → the table of an in-process run (computed once per overrides)."""
-    tables = {}
-
-    def table(overrides):
-        if overrides not in tables:
-            config, run_dir = new_run(tmp_path_factory.mktemp("local"), overrides)
-            sweep.run_sweep(config, run_dir, progress=False)
-            tables[overrides] = storage.read_table(run_dir)
-        return tables[overrides]
-
-    return table
+    return smoke_table
 
 
 def test_the_local_executor_runs_each_task_when_reached_in_order():

@@ -21,8 +21,9 @@ import pytest
 from moe_theory import storage, sweep
 from moe_theory.config import load_config
 
+from conftest import new_smoke_run
+
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "configs" / "smoke.yaml"
 ONE_GROUP = ["fit.num_experts=2"]  # one fit group: two programs, shared with tests/test_sweep.py
 
 
@@ -221,10 +222,7 @@ def test_processes_racing_for_a_stale_lock_leave_exactly_one_holder(tmp_path):
 
 
 def new_run(root: Path, overrides=()) -> tuple:
-    config = load_config(SMOKE, [*ONE_GROUP, *overrides])
-    run_dir = storage.create_run_dir(root, config.name)
-    storage.write_text(run_dir / storage.CONFIG_FILE, config.to_yaml())
-    return config, run_dir
+    return new_smoke_run(root, [*ONE_GROUP, *overrides])
 
 
 def edit_config(run_dir: Path, old: str, new: str):
@@ -240,19 +238,23 @@ def study(config, run_dir, **options) -> dict:
     return sweep.run_study(config, run_dir, progress=False, figures=False, **options)
 
 
+def interrupted_after_two_cells(root: Path) -> tuple:
+    """(config, run folder) of a run stopped by Ctrl-C after its second cell was stored."""
+    config, run_dir = new_run(root)
+
+    def interrupt_after_two(written, cell):
+        if written == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        study(config, run_dir, after_cell=interrupt_after_two)
+    return config, run_dir
+
+
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory):
-    """fresh(overrides) → the table of an uninterrupted run (computed once per overrides)."""
-    tables = {}
-
-    def table(*overrides):
-        if overrides not in tables:
-            config, run_dir = new_run(tmp_path_factory.mktemp("fresh"), overrides)
-            sweep.run_sweep(config, run_dir, progress=False)
-            tables[overrides] = storage.read_table(run_dir)
-        return tables[overrides]
-
-    return table
+def fresh(smoke_table):
+    """fresh(*overrides) → the table of an uninterrupted run of the one-group smoke study."""
+    return lambda *overrides: smoke_table((*ONE_GROUP, *overrides))
 
 
 def test_more_replicates_in_an_edited_config_computes_only_the_missing_rows(tmp_path, fresh):
@@ -271,14 +273,7 @@ def test_more_replicates_in_an_edited_config_computes_only_the_missing_rows(tmp_
 
 
 def test_more_replicates_after_an_interruption_completes_every_cell(tmp_path, fresh):
-    config, run_dir = new_run(tmp_path)
-
-    def interrupt_after_two(written, cell):
-        if written == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        study(config, run_dir, after_cell=interrupt_after_two)
+    config, run_dir = interrupted_after_two_cells(tmp_path)
     grown = edit_config(run_dir, "replicates: 3", "replicates: 5")
     session = study(grown, run_dir)["sessions"][-1]
     # Two stored cells get replicates 3-4, the third cell all five.
@@ -287,14 +282,7 @@ def test_more_replicates_after_an_interruption_completes_every_cell(tmp_path, fr
 
 
 def test_a_folder_written_before_cells_carried_keys_resumes_as_before(tmp_path, fresh):
-    config, run_dir = new_run(tmp_path)
-
-    def interrupt_after_two(written, cell):
-        if written == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        study(config, run_dir, after_cell=interrupt_after_two)
+    config, run_dir = interrupted_after_two_cells(tmp_path)
     for path in storage.part_paths(run_dir):  # as an earlier version wrote them: rows only
         pd.read_parquet(path).to_parquet(path, index=False)
         assert storage.read_metadata(path) is None
