@@ -16,8 +16,9 @@ Each arm runs as an ordinary study (:func:`moe_theory.sweep.run_study`) in its o
 interrupted arms run resumes arm by arm and cell by cell, and an arm can be inspected, redrawn or
 reported on alone. Every arm's cells go to the same executor (:mod:`moe_theory.executors`), opened
 once for the whole study, and ``meta.json`` records how the session ended (``complete``,
-``interrupted`` or ``failed`` with the reason), as for a single study. Arms that share the true model, inputs and seed draw the same datasets (the
-sweep's data keys depend on the seed, n and the replicate only).
+``interrupted`` or ``failed`` with the reason), as for a single study. Arms that share the true
+model, inputs and seed draw the same datasets (the sweep's data keys depend on the seed, n and the
+replicate only).
 """
 
 from __future__ import annotations

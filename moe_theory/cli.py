@@ -64,6 +64,8 @@ ERROR_STATUS = 2
 """Exit status of a refused command (a bad config, run folder, option or file), as argparse's own."""
 INTERRUPTED_STATUS = 130
 """Exit status after Ctrl-C: 128 + SIGINT, as a shell reports a process killed by it."""
+TERMINATED_STATUS = 143
+"""Exit status after SIGTERM (a scheduler's kill, ``timeout``): 128 + SIGTERM."""
 BROKEN_PIPE_STATUS = 141
 """Exit status when the reader of stdout went away (``moe-theory list | head``): 128 + SIGPIPE."""
 NAN_TEXTS = frozenset({"nan", "na", "n/a", "null", "none"})
@@ -458,6 +460,12 @@ def _run_command(args: argparse.Namespace) -> int:
 
         if args.set:
             return _error(f"{structured_config}: --set is not supported for structured studies; edit a copy of the config")
+        ignored = [option for option, given in (("--executor", args.executor), ("--workers", args.workers),
+                                                 ("--scheduler", args.scheduler), ("--memory-limit", args.memory_limit),
+                                                 ("--allow-large", args.allow_large)) if given]
+        if ignored:
+            return _error(f"{structured_config}: {', '.join(ignored)} apply to the sweep of flat and arms studies; "
+                          "a structured study (kind:) runs its own engine in this process")
         try:
             run_dir = structured.run(structured_config, args.out, args.resume)
         except (structured.StudyConfigError, storage.RunFolderError) as error:
@@ -879,7 +887,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.command_line = " ".join(["moe-theory", *argv])  # recorded in a run's meta.json
         return args.handler(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
+        from .sweep import Terminated  # SIGTERM during a sweep arrives as this KeyboardInterrupt
+
+        if isinstance(interruption, Terminated):
+            print("moe-theory: terminated", file=sys.stderr)
+            return TERMINATED_STATUS
         print("moe-theory: interrupted", file=sys.stderr)
         return INTERRUPTED_STATUS
     except BrokenPipeError:

@@ -21,8 +21,7 @@ compilation with the cells exactly as it did before this seam existed.
 thread each, so that each process owns its accelerator and its compiled programs), or an existing
 scheduler (``scheduler=ADDRESS``, or the path of a scheduler file, as dask-jobqueue and
 ``dask scheduler --scheduler-file`` write). When a worker dies, Dask runs its unfinished tasks again
-on another; the driver stores the first result of each cell and ignores any later one, so a lost
-worker loses no cell and duplicates none. ``docs/distributed.md`` describes clusters and GPUs.
+on another, and each future still completes once: a lost worker loses no cell and duplicates none. ``docs/distributed.md`` describes clusters and GPUs.
 """
 
 from __future__ import annotations

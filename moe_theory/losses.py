@@ -793,7 +793,8 @@ class ExpertErrors(NamedTuple):
     Attributes:
         max_error: (k*,) max over the fitted experts of true expert j's cell of d_i (NaN if empty).
         mean_error: (k*,) their mean (NaN if empty).
-        used_error: (k*,) their mean weighted by each fitted expert's use E_x[π̂_i(x)] (NaN if empty).
+        used_error: (k*,) their mean weighted by each fitted expert's use E_x[π̂_i(x)] (NaN if empty
+            or never used).
         distance: (k,) d_i of each fitted expert to the true expert whose cell holds it.
         usage: (k,) E_x[π̂_i(x)] of each fitted expert.
         assignment: (k,) int, that true expert.
@@ -844,6 +845,7 @@ def expert_errors(
     truth: MoEParams,
     inputs: InputDistribution = UniformInputs(),
     num_inputs: int = 1000,
+    fitted_family: Family | None = None,
     **cell_options: Any,
 ) -> ExpertErrors:
     """The expert estimation error of each true expert (see the module docstring).
@@ -855,6 +857,8 @@ def expert_errors(
         truth: true parameters, unbatched.
         inputs: the input distribution of the x draws (static).
         num_inputs: number of x draws (static).
+        fitted_family: the fitted family, when its gate differs from ``family``'s (a top-K gate
+            fitted with another K̄): the atoms' use E_x[π̂_i(x)] is computed with it.
         **cell_options: how the Voronoi cells are formed, as for :func:`parameter_errors`
             (``translation``, ``exponents``, ``weight``, ``canonical_truth``).
     """
@@ -866,11 +870,12 @@ def expert_errors(
     def one(fitted_one, assignment):
         distance = expert_distances(family.expert, fitted_one.expert, truth.expert, assignment, x)
         worst, mean = cell_statistics(distance, assignment, num_true)
-        usage = jnp.mean(jnp.exp(gate_log_weights(family, fitted_one, x)), axis=0)
+        usage = jnp.mean(jnp.exp(gate_log_weights(fitted_family or family, fitted_one, x)), axis=0)
         membership = assignment[:, None] == jnp.arange(num_true)[None, :]  # (k, k*)
         cell_usage = jnp.sum(jnp.where(membership, usage[:, None], 0.0), axis=0)
         used = jnp.sum(jnp.where(membership, (usage * distance)[:, None], 0.0), axis=0) / jnp.where(cell_usage > 0, cell_usage, 1.0)
-        used = jnp.where(jnp.any(membership, axis=0), used, jnp.nan)
+        # A cell none of whose atoms the gate ever routes to has no used error (not a perfect one).
+        used = jnp.where(cell_usage > 0, used, jnp.nan)
         return ExpertErrors(worst, mean, used, distance, usage, assignment)
 
     for _ in range(_batch_ndim(family, fitted, "fitted")):

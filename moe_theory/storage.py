@@ -28,6 +28,7 @@ Conventions:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -157,12 +158,13 @@ class RunLock:
       error names the host and pid and says how to remove the lock by hand. An empty or unparsable
       lock file is a holder between creating and writing it, and is waited for, unless it is older
       than ``grace_seconds``.
-    * **Taking over** a stale lock renames it to a unique name, which succeeds for exactly one
-      process; that process checks that it moved the very file it judged stale (same inode and
-      text), then takes the lock with ``O_EXCL`` like anyone else, and removes the moved file only
-      afterwards, so that the new lock cannot reuse the stale file's inode number. A process whose
-      rename moved a newer lock (another takeover finished first) puts it back with ``os.link``,
-      which cannot overwrite, and tries again.
+    * **Taking over** a stale lock happens under an exclusive ``flock`` on the run folder (one
+      takeover at a time on this host; the kernel releases it when its holder dies). The process
+      judges the lock stale again under it, renames it to a unique name, checks that it moved the
+      very file it judged (same inode and text), then takes the lock with ``O_EXCL`` like anyone
+      else, and removes the moved file only afterwards, so that the new lock cannot reuse the stale
+      file's inode number. Should the check fail all the same, the moved file is put back with
+      ``os.link``, which cannot overwrite, and the process tries again.
     * **Releasing** removes the file only if it still holds this lock's token.
     """
 
@@ -196,6 +198,18 @@ class RunLock:
         """Move a stale lock file aside and return where it went (None if it was gone or moved by
         another process), so that the caller tries ``O_EXCL`` again; raise :class:`RunFolderError`
         if the lock belongs to a live process or to another host."""
+        # Takeovers on this host are serialised by an flock on the run folder itself (released when
+        # its holder exits, even killed; no file of its own): between judging the lock stale and
+        # moving it aside no other takeover can replace it, so a live lock is never moved. Locks of
+        # other hosts are never taken over.
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            return self._move_aside_if_stale()
+        finally:
+            os.close(folder)  # releases the flock
+
+    def _move_aside_if_stale(self) -> Path | None:
         judged, text, reason = self._stale_lock()
         if judged is None:
             return None

@@ -12,9 +12,11 @@ Cells are independent tasks (:class:`CellWork`: a group, an n and a replicate ra
 executor (:mod:`moe_theory.executors`). The default runs them in this process, one after the other,
 with the programs compiled ahead (below); the Dask executor runs them on worker processes
 (:func:`compute_cell_on_worker`, which parses the resolved config again on the worker and returns
-the rows). Either way this process alone writes the run folder, as results arrive, and stores a
-cell once even if Dask ran its task twice after losing a worker; the keys below make every row the
-same wherever it was computed (on the same kind of device and device count).
+the rows). Either way this process alone writes the run folder, as results arrive, each cell once
+(a Dask future completes once, even when its task was rerun after a worker was lost); a task that
+fails does not stop the results of the others from being stored, and its error is raised after
+them. The keys below make every row the same wherever it was computed (on the same kind of device
+and device count).
 
 Each part file records its key, the seed and a fingerprint of the settings that determine its
 numbers (:func:`cell_determinants`). A resumed run keeps only rows computed under the folder's
@@ -297,7 +299,7 @@ def score_cells(spec: ScoreSpec, fitted, truth, density_key) -> dict[str, jnp.nd
     if metrics.expert_errors is not None:
         # Their own x draws, so that turning them on leaves the density distances' draws unchanged.
         experts = expert_errors(jax.random.fold_in(density_key, EXPERT_ERROR_DRAWS), family, fitted, truth, spec.inputs,
-                                metrics.expert_errors, translation=metrics.parameter_translation,
+                                metrics.expert_errors, fitted_family=spec.fitted_family, translation=metrics.parameter_translation,
                                 exponents="first_order" if exact else None)
         scores["expert_err"], scores["used_expert_err"] = experts.max_error, experts.used_error
     if density is not None:
@@ -892,7 +894,7 @@ def run_sweep(
     futures: dict[Any, CellWork] = {}
     results: list[CellResult] = []
     written: set[str] = set()
-    duplicates = 0
+    failure: BaseException | None = None
     cell_seconds: dict[str, float] = {}
     bar = None
     try:
@@ -925,11 +927,15 @@ def run_sweep(
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
         for future in executor.as_completed(list(futures)):
             unit = futures[future]
-            result = future.result()
-            executor.release(future)
-            if unit.name in written:
-                duplicates += 1  # a task Dask ran again after losing a worker: the cell is stored already
+            try:
+                result = future.result()
+            except Exception as error:
+                if executor.in_process:
+                    raise
+                # Other workers' cells may be finished: store them all, then raise the first error.
+                failure = failure or error
                 continue
+            executor.release(future)
             storage.write_part(run_dir, unit.name, result.frame, {
                 "cell": cell_name(unit.group, unit.n), "group": unit.group.label, "axes": unit.group.axes(),
                 "n": unit.n, "replicates": [unit.first, unit.stop], "seed": config.seed,
@@ -944,6 +950,8 @@ def run_sweep(
                 bar.update(cost(unit))
             if after_cell is not None:
                 after_cell(len(written), unit.name)
+        if failure is not None:
+            raise failure
     finally:
         executor.cancel(future for future, unit in futures.items() if unit.name not in written)
         if owned:
@@ -966,7 +974,6 @@ def run_sweep(
         "cells_already_stored": len(cells) - len(cells_with_work),
         "cells_computed": len(work),
         "replicates_computed": sum(unit.stop - unit.first for unit in work),
-        "duplicate_results_ignored": duplicates,
         "batch_size": _one_or_all({result.batch_size for result in results} or {batch}),
         "devices": _one_or_all({result.devices for result in results} or {jax.device_count()}),
         "compile_count": len(programs),

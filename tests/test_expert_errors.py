@@ -73,6 +73,12 @@ def test_classifier_experts_match_a_numpy_loop_of_total_variations():
     np.testing.assert_allclose(result.used_error, used, rtol=1e-12)
     assert worst[0] > result.used_error[0] > np.min(distances[assignment == 0])
 
+    # A cell whose only atom the gate never routes to (its weight underflows) has no used error.
+    unused = mt.MoEParams({**fitted.gate, "beta0": jnp.array([900.0, 900.0, 0.0])}, fitted.expert)
+    never = expert_errors(key, family, unused, truth, INPUTS, num_inputs=500, translation="mass")
+    assert np.asarray(never.assignment)[2] == 1 and float(never.usage[2]) == 0.0
+    assert np.isnan(never.used_error[1]) and np.isfinite(never.max_error[1])
+
 
 def test_regression_experts_match_a_numpy_loop_and_vanish_at_the_truth():
     family = mt.make_family("softmax", "gaussian", 2, dim=1)

@@ -334,6 +334,17 @@ def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch):
     assert (code, out, err) == (130, "", "moe-theory: interrupted\n")
 
 
+def test_sigterm_during_a_sweep_prints_one_line_and_exits_143(monkeypatch):
+    from moe_theory.sweep import Terminated
+
+    def terminated(args):
+        raise Terminated("SIGTERM received")
+
+    monkeypatch.setattr(cli, "_list_command", terminated)
+    code, out, err = run_cli("list")
+    assert (code, out, err) == (143, "", "moe-theory: terminated\n")
+
+
 def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
     def broken(args):
         raise RuntimeError("a bug")

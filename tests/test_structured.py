@@ -201,6 +201,7 @@ def test_malformed_regression_configs_name_the_file_and_the_key(tmp_path, change
     assert str(path) in str(error.value)
 
 
+@pytest.mark.slow  # 80 s; the sweep's resume is bit-identical by default (tests/test_sweep.py, test_run_folder.py)
 def test_a_regression_study_runs_resumes_bit_identically_and_reports(tmp_path, monkeypatch):
     """Every fit is a row with its flags, a cross-gate arm has NaN gate errors but expert errors, a
     run with another batch size and fewer replicates reproduces the shared rows bit for bit, and a

@@ -66,7 +66,7 @@ from .. import linalg
 from ..gates import NORMALISERS, gate_scores, log_gate_weights, normalise, selection_mask
 from ..models import Family, canonicalize, weighted_sum
 from ..params import MoEParams, constrain, field_with_role, fields_with_role, unconstrain
-from .newton import autodiff_derivatives, gate_free_mask, newton_ascent
+from .newton import FACE_TOLERANCE, autodiff_derivatives, gate_free_mask, newton_ascent
 from .settings import EMConfig
 from .solver import FitResult, all_finite
 
@@ -224,7 +224,7 @@ def on_box(family: Family, params: MoEParams, bound: float) -> jnp.ndarray:
         flat, _ = ravel_pytree(
             [unconstrain(family.gate.fields, fitted.gate), unconstrain(family.expert.fields, fitted.expert)]
         )
-        return jnp.any(jnp.abs(flat) >= bound * (1 - 1e-9))
+        return jnp.any(jnp.abs(flat) >= bound * (1 - FACE_TOLERANCE))
 
     return jax.vmap(one)(params)
 

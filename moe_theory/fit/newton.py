@@ -73,6 +73,10 @@ def gate_free_mask(family: Family, like: Mapping[str, jnp.ndarray]) -> dict[str,
     return mask
 
 
+FACE_TOLERANCE = 1e-9
+"""Relative distance from a face of the box at which a coordinate counts as on it."""
+
+
 def box_project(flat: jnp.ndarray, bound: float | None) -> jnp.ndarray:
     """``flat`` clipped to the box [−B, B] (unchanged when there is no bound)."""
     return flat if bound is None else jnp.clip(flat, -bound, bound)
@@ -83,7 +87,10 @@ def box_movable(flat: jnp.ndarray, gradient: jnp.ndarray, bound: float | None) -
     gradient points out of it (moving them would only be undone by the projection)."""
     if bound is None:
         return jnp.ones_like(flat)
-    leaving = ((flat >= bound) & (gradient > 0)) | ((flat <= -bound) & (gradient < 0))
+    # A face within a relative 1e-9 counts as reached (an ε-active set): a coordinate just inside
+    # after a log/exp round trip would otherwise take steps of 1e-9 towards it, one per iteration.
+    face = bound * (1 - FACE_TOLERANCE)
+    leaving = ((flat >= face) & (gradient > 0)) | ((flat <= -face) & (gradient < 0))
     return jnp.where(leaving, 0.0, 1.0).astype(flat.dtype)
 
 

@@ -17,9 +17,9 @@ turns thousands of EM steps into hundreds of cycles.
 
 **Safeguard (monotone).** The cycle ends at u′ only if ℓ(u′) is finite, u′ satisfies the bounds
 EM keeps (expert variances are raised to ``variance_floor``; a joint-likelihood Gaussian gate's
-covariances must stay above it; u′ is projected onto the box of ``EMConfig.bound``) and ℓ(u′) is at least ℓ(u₂), the value after two plain EM steps;
-otherwise it ends at u₂. Hence ℓ never decreases and a cycle is
-never worse than two EM iterations, whatever the extrapolation did (a non-finite or out-of-support
+covariances must stay above it; u′ is projected onto the box of ``EMConfig.bound``) and ℓ(u′) is at
+least ℓ(u₂), the value after two plain EM steps; otherwise it ends at u₂. Hence ℓ never decreases
+and a cycle is never worse than two EM iterations, whatever the extrapolation did (a non-finite or out-of-support
 u′ is simply rejected). [11] follows the extrapolation by one stabilising EM step, F(u′); here the
 next cycle's first step is that step, so it is not taken twice. The step bound s starts at 1 and
 is multiplied by 4 whenever a cycle at α = −s is kept, and divided by 4 (never below 1) when one is
