@@ -85,11 +85,7 @@ def run_arms(
         try:
             _run_each_arm(study, run_dir, progress, command, figures, after_arm, executor)
         except BaseException as error:
-            status = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"  # SIGTERM too
-            meta["sessions"][-1].update(status=status, reason=f"{type(error).__name__}: {error}".rstrip(": "),
-                                        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                        wall_seconds=round(time.perf_counter() - started, 3))
-            meta["status"] = status
+            storage.end_session_by(meta, error, wall_seconds=round(time.perf_counter() - started, 3))
             storage.write_meta(run_dir, meta)
             raise
         meta["sessions"][-1].update(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -353,6 +353,16 @@ def begin_session(run_dir: Path, meta: dict, command: str | None, lock: "RunLock
     return meta
 
 
+def end_session_by(meta: dict, error: BaseException, **details: Any) -> None:
+    """Mark the last session and the run ``interrupted`` (Ctrl-C, SIGTERM, exit) or ``failed`` (any
+    other exception) in ``meta``, with the reason and ``details``, in place of ``running``; the
+    caller writes it."""
+    status = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
+    reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    meta["sessions"][-1].update(status=status, reason=reason, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), **details)
+    meta["status"] = status
+
+
 def write_meta(run_dir: Path, meta: dict) -> None:
     write_text(Path(run_dir) / META_FILE, json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -1025,13 +1025,9 @@ def _sigterm_interrupts():
 
 
 def _record_end(run_dir: Path, meta: dict, error: BaseException, cells_stored: int) -> None:
-    """Mark the session and the run ``interrupted`` (Ctrl-C, SIGTERM, exit) or ``failed`` (any other
-    exception) with the reason, in place of ``running``."""
-    status = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
-    reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    meta["sessions"][-1].update(status=status, reason=reason, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                cells_stored=cells_stored)
-    meta["status"] = status
+    """Record how the session ended (:func:`moe_theory.storage.end_session_by`), with the cells it
+    stored and the run's totals."""
+    storage.end_session_by(meta, error, cells_stored=cells_stored)
     meta["totals"] = _totals(meta["sessions"])
     storage.write_meta(run_dir, meta)
 

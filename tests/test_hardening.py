@@ -325,24 +325,23 @@ def test_version_prints_the_installed_version():
     assert code == 0 and out == f"moe-theory {version('moe_theory')}\n"
 
 
-def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch):
+def _sigterm():
+    from moe_theory.sweep import Terminated  # SIGTERM during a sweep arrives as this KeyboardInterrupt
+
+    return Terminated("SIGTERM received")
+
+
+@pytest.mark.parametrize("interruption, status, line", [
+    (KeyboardInterrupt, 130, "moe-theory: interrupted\n"),
+    (_sigterm, 143, "moe-theory: terminated\n"),
+], ids=["ctrl_c", "sigterm"])
+def test_an_interruption_prints_one_line_and_exits_with_its_status(monkeypatch, interruption, status, line):
     def interrupted(args):
-        raise KeyboardInterrupt
+        raise interruption()
 
     monkeypatch.setattr(cli, "_list_command", interrupted)
     code, out, err = run_cli("list")
-    assert (code, out, err) == (130, "", "moe-theory: interrupted\n")
-
-
-def test_sigterm_during_a_sweep_prints_one_line_and_exits_143(monkeypatch):
-    from moe_theory.sweep import Terminated
-
-    def terminated(args):
-        raise Terminated("SIGTERM received")
-
-    monkeypatch.setattr(cli, "_list_command", terminated)
-    code, out, err = run_cli("list")
-    assert (code, out, err) == (143, "", "moe-theory: terminated\n")
+    assert (code, out, err) == (status, "", line)
 
 
 def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
